@@ -1,0 +1,48 @@
+"""The connector contract (DESIGN §8): a small required protocol, optional powers apart.
+
+A connector speaks one platform's API and nothing else. The pipeline calls:
+`changes(cursor)` → refs to look at and the next cursor; `fetch(ref, purpose)` → a local file;
+`write_back(ref, verdict, geometry)` → the asset's version after our own write, so that our
+write is not seen as a change on the next scan.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Protocol, runtime_checkable
+
+from plugin.models import AssetRef, AssetVerdict, Geometry
+
+Purpose = Literal["analysis", "original"]
+
+
+class KnownVersions(Protocol):
+    """Lets a connector reuse a stored version while its cheap fingerprint is unchanged."""
+
+    def known_version(self, connector: str, asset_id: str) -> tuple[str | None, str] | None:
+        """(fingerprint, version) recorded for the asset, or None when never seen."""
+        ...
+
+
+@runtime_checkable
+class Connector(Protocol):
+    name: str
+
+    def changes(self, cursor: str | None) -> tuple[list[AssetRef], str | None]:
+        """Assets that may have changed since `cursor`, and the cursor to store afterwards."""
+        ...
+
+    def fetch(self, ref: AssetRef, purpose: Purpose) -> Path:
+        """A local file with the asset's pixels (a preview is fine for analysis)."""
+        ...
+
+    def write_back(self, ref: AssetRef, verdict: AssetVerdict, geometry: Geometry) -> AssetRef:
+        """Write the verdict where editors look; return the ref with its new version."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class WebhookSource(Protocol):
+    def parse_webhook(self, headers: dict[str, str], body: bytes) -> list[AssetRef]: ...

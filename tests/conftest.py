@@ -1,0 +1,39 @@
+"""Shared fixtures. Test data outside the repo comes through one setting, CONSENTRY_TESTDATA
+(default ../shared/testdata beside the checkout); tests that need it skip with the reason."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from plugin.demo import TESTDATA_ENV, testdata_dir
+
+
+@pytest.fixture(scope="session")
+def testdata() -> Path:
+    root = testdata_dir()
+    if not (root / "demo" / "manifest.json").is_file():
+        pytest.skip(f"test data not found at {root}: set {TESTDATA_ENV}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_data(testdata: Path) -> Path:
+    return testdata / "demo"
+
+
+@pytest.fixture(scope="session")
+def manifest(demo_data: Path) -> dict:
+    return json.loads((demo_data / "manifest.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session")
+def engine():
+    """One loaded engine for the session; tests read `detector_calls` differences."""
+    from plugin.engine import DlibEngine
+
+    e = DlibEngine()
+    e.load()
+    return e

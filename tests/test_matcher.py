@@ -1,0 +1,77 @@
+"""Matching rules: threshold AND margin to name, review when close, unknown otherwise."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+
+from plugin.matcher import Matcher, MatchSettings
+from plugin.models import FaceState
+
+A, B = uuid.UUID(int=1), uuid.UUID(int=2)
+SETTINGS = MatchSettings(threshold=0.5, margin=0.06, review_threshold=0.6)
+
+
+def unit(i: int) -> np.ndarray:
+    v = np.zeros(128, dtype=np.float32)
+    v[i] = 1.0
+    return v
+
+
+def at_distance(base: np.ndarray, d: float, axis: int) -> np.ndarray:
+    v = base.copy()
+    v[axis] += d
+    return v
+
+
+def test_identified_when_close_and_clearly_nearest():
+    m = Matcher([A, B], np.stack([unit(0), unit(1)]), SETTINGS)
+    [match] = m.match(at_distance(unit(0), 0.3, 5)[None])
+    assert match.state == FaceState.AUTO and match.subject_id == A
+    assert abs(match.distance - 0.3) < 1e-5
+
+
+def test_uncertain_when_runner_up_is_too_close():
+    # Two subjects 0.08 apart; a face between them is near both.
+    a, b = unit(0), at_distance(unit(0), 0.08, 1)
+    m = Matcher([A, B], np.stack([a, b]), SETTINGS)
+    [match] = m.match(at_distance(a, 0.3, 5)[None])
+    assert match.state == FaceState.UNCERTAIN and match.subject_id is None
+    assert set(match.candidates) == {A, B}
+
+
+def test_uncertain_between_threshold_and_review_threshold():
+    m = Matcher([A], unit(0)[None], SETTINGS)
+    [match] = m.match(at_distance(unit(0), 0.55, 5)[None])
+    assert match.state == FaceState.UNCERTAIN and match.candidates == (A,)
+
+
+def test_unknown_when_far_from_everyone():
+    m = Matcher([A, B], np.stack([unit(0), unit(1)]), SETTINGS)
+    [match] = m.match(unit(7)[None])
+    assert match.state == FaceState.UNKNOWN and match.subject_id is None
+
+
+def test_nearest_template_of_a_subject_counts():
+    m = Matcher([A, A, B], np.stack([unit(3), unit(0), unit(1)]), SETTINGS)
+    [match] = m.match(at_distance(unit(0), 0.2, 5)[None])
+    assert match.subject_id == A
+
+
+def test_no_templates_means_unknown():
+    m = Matcher([], np.zeros((0, 128), dtype=np.float32), SETTINGS)
+    assert [r.state for r in m.match(np.stack([unit(0), unit(1)]))] == [FaceState.UNKNOWN] * 2
+
+
+def test_vectorised_matches_brute_force():
+    rng = np.random.default_rng(7)
+    ids = [uuid.UUID(int=int(i)) for i in rng.integers(1, 50, size=400)]
+    templates = rng.normal(size=(400, 128)).astype(np.float32) * 0.05
+    faces = rng.normal(size=(20, 128)).astype(np.float32) * 0.05
+    got = Matcher(ids, templates, SETTINGS).subject_distances(faces)
+    subjects = sorted(set(ids), key=lambda u: u.int)
+    for fi, f in enumerate(faces):
+        for si, s in enumerate(subjects):
+            rows = templates[[i for i, x in enumerate(ids) if x == s]]
+            assert abs(got[fi, si] - np.linalg.norm(rows - f, axis=1).min()) < 1e-4
