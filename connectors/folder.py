@@ -102,13 +102,14 @@ class FolderConnector:
     def _candidates(self, start: Path):
         for dirpath, dirnames, filenames in os.walk(start, followlinks=False):
             here = Path(dirpath)
-            dirnames.sort()
+            # Dotfiles are hidden or ours (the XMP writer's temp files): never photos.
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             # A directory named like a photo is reported as a bad asset, not silently skipped.
             for d in dirnames:
                 if d.lower().endswith(self._suffixes):
                     yield here / d
             for f in sorted(filenames):
-                if f.lower().endswith(self._suffixes):
+                if not f.startswith(".") and f.lower().endswith(self._suffixes):
                     yield here / f
 
     def ref_for(self, path: Path) -> AssetRef | None:

@@ -18,6 +18,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -62,7 +63,7 @@ def _main(config: ConfigOption = None,
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     return typer.Exit(code)
 
 
@@ -253,7 +254,7 @@ def _run_with_progress(label: str, total: int | None, run) -> list[AssetResult]:
         return run(lambda _r: progress.advance(task))
 
 
-def summary(results: list[AssetResult], *, title: str) -> int:
+def summary(results: list[AssetResult], *, title: str, out: Console | None = None) -> int:
     table = Table(title=title)
     table.add_column("outcome")
     table.add_column("status")
@@ -261,11 +262,12 @@ def summary(results: list[AssetResult], *, title: str) -> int:
     for (outcome, status), n in sorted(Counter(
             (r.outcome.value, r.status or "-") for r in results).items()):
         table.add_row(outcome, status, str(n))
-    console.print(table)
+    (out or console).print(table)
     failed = [r for r in results if r.outcome == Outcome.FAILED]
     for r in failed:
-        err_console.print(f"[red]failed[/red] {r.ref.connector}:{r.ref.name}: {r.reason}",
-                          highlight=False)
+        err_console.print(
+            f"[red]failed[/red] {escape(f'{r.ref.connector}:{r.ref.name}: {r.reason}')}",
+            highlight=False)
     return EXIT_FAILED if failed else EXIT_OK
 
 
@@ -280,7 +282,8 @@ def scan(
     raise typer.Exit(code)
 
 
-def scan_app(a, *, paths: list[Path], connector: str | None = None) -> int:
+def scan_app(a, *, paths: list[Path], connector: str | None = None,
+             out: Console | None = None) -> int:
     names = [connector] if connector else list(a.connectors)
     if not names:
         raise fail("no connector configured (see `[[connectors]]` in the settings file)")
@@ -293,7 +296,7 @@ def scan_app(a, *, paths: list[Path], connector: str | None = None) -> int:
         results += _run_with_progress(
             f"scan {name}", len(refs),
             lambda tick, c=name, refs=refs: a.pipeline.scan(c, refs, on_result=tick))
-    return summary(results, title="scan")
+    return summary(results, title="scan", out=out)
 
 
 @app.command()

@@ -15,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from plugin import people
@@ -111,8 +112,8 @@ def run_demo(*, out: Path, photos: Path | None, console: Console) -> int:
                 console.print(f"enrolled {name} ({person['suggested_consent']})")
             except ConsentryError as err:
                 console.print(f"[yellow]not enrolled[/yellow] {name} "
-                              f"({person['suggested_consent']}): {err}")
-        code = scan_app(a, paths=[])
+                              f"({person['suggested_consent']}): {escape(str(err))}")
+        code = scan_app(a, paths=[], out=console)
         _print_verdicts(a, console)
     return code
 
