@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 
 def default_engine(settings: Settings) -> DlibEngine:
-    return DlibEngine(DetectorSettings(upsample=settings.engine.upsample))
+    return DlibEngine(DetectorSettings(upsample=settings.engine.upsample),
+                      jitters=settings.engine.jitters)
 
 
 class App:
@@ -77,6 +78,7 @@ class App:
                     threshold=settings.matching.threshold,
                     margin=settings.matching.margin,
                     review_threshold=settings.matching.review_threshold,
+                    templates=settings.matching.templates,
                 ),
                 channels=settings.policy.channels,
                 fingerprint_key=keys.derive_key(self.kek, "verdict-fingerprint"),

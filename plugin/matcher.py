@@ -25,6 +25,9 @@ class MatchSettings:
     threshold: float = 0.5
     margin: float = 0.06
     review_threshold: float = 0.6
+    # "mean": one averaged vector per subject (less noise than any single reference photo);
+    # "nearest": the closest of the subject's reference encodings.
+    templates: str = "nearest"
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +50,8 @@ class Matcher:
         if len(subject_ids) != len(templates):
             raise ValueError("one subject id per template row is required")
         self.settings = settings or MatchSettings()
+        if self.settings.templates == "mean" and len(subject_ids):
+            subject_ids, templates = _means(subject_ids, np.asarray(templates, dtype=np.float32))
         order = sorted(range(len(subject_ids)), key=lambda i: subject_ids[i].int)
         ids = [subject_ids[i] for i in order]
         self._templates = np.asarray(templates, dtype=np.float32)[order] if order else (
@@ -99,3 +104,11 @@ class Matcher:
             else:
                 results.append(Match(FaceState.UNKNOWN, None, best_d))
         return results
+
+
+def _means(subject_ids: list[uuid.UUID], templates: np.ndarray
+           ) -> tuple[list[uuid.UUID], np.ndarray]:
+    unique = sorted(set(subject_ids), key=lambda u: u.int)
+    rows = [templates[[i for i, s in enumerate(subject_ids) if s == u]].mean(axis=0)
+            for u in unique]
+    return unique, np.asarray(rows, dtype=np.float32)

@@ -110,7 +110,7 @@ class Pipeline:
     def processing_key(self, ref: AssetRef) -> str:
         m = self.match_settings
         parts = (ref.connector, ref.id, ref.version, self.engine.version, POLICY_VERSION,
-                 f"{m.threshold}/{m.margin}/{m.review_threshold}",
+                 f"{m.threshold}/{m.margin}/{m.review_threshold}/{m.templates}",
                  json.dumps(self.decode_options, sort_keys=True))
         return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 

@@ -13,7 +13,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -64,13 +64,16 @@ class MatchingSettings(_Section):
     review_threshold: float = Field(
         0.6, gt=0, lt=1.2, description="closer than this but not identified: review"
     )
-    reference_photos_min: int = Field(1, ge=1, description="refs needed before matching")
+    templates: Literal["nearest", "mean"] = Field(
+        "nearest", description="compare with each reference photo, or with their mean"
+    )
 
 
 class EngineSettings(_Section):
     max_side: int = Field(1600, ge=200, le=8000, description="longest side analysed, pixels")
     max_pixels: int = Field(100_000_000, gt=0, description="decompression-bomb guard")
     upsample: int = Field(1, ge=0, le=2, description="HOG upsampling passes (small faces)")
+    jitters: int = Field(1, ge=1, le=100, description="encodings averaged per face (dlib jitter)")
 
 
 class XmpSettings(_Section):

@@ -75,3 +75,14 @@ def test_vectorised_matches_brute_force():
         for si, s in enumerate(subjects):
             rows = templates[[i for i, x in enumerate(ids) if x == s]]
             assert abs(got[fi, si] - np.linalg.norm(rows - f, axis=1).min()) < 1e-4
+
+
+def test_mean_templates_average_each_subjects_references():
+    a1, a2 = unit(0), at_distance(unit(0), 0.4, 1)
+    m = Matcher([A, A, B], np.stack([a1, a2, unit(2)]),
+                MatchSettings(threshold=0.25, margin=0.06, review_threshold=0.6,
+                              templates="mean"))
+    assert m.subject_count == 2
+    # The mean of A's references sits 0.2 from each; nearest-template would see 0.0.
+    [match] = m.match(a1[None])
+    assert match.state == FaceState.AUTO and abs(match.distance - 0.2) < 1e-5
