@@ -204,6 +204,8 @@ def consents_add(
                           signed_by=signed_by, guardian=guardian, grants=tuple(grants))
         people.add_consent(a.state, a.audit, consent)
         console.print(str(consent.id))
+        code = _apply_consent_change(a, target.id, reason="consent added")
+    raise typer.Exit(code)
 
 
 @consents_app.command("list")
@@ -242,7 +244,17 @@ def consents_withdraw(
         destroyed = people.withdraw_consent(a.state, a.vault, a.audit, target, at=when,
                                             now=a.pipeline.clock(), kinds=kinds)
         console.print("withdrawn" + ("; face templates destroyed" if destroyed else ""))
-        console.print("run `consentry reevaluate` to update the photos' metadata")
+        code = _apply_consent_change(a, target.subject_id, reason="consent withdrawn")
+    raise typer.Exit(code)
+
+
+def _apply_consent_change(a, subject_id, *, reason: str) -> int:
+    """A consent change takes effect at once on the photos already analysed: re-labelled from
+    the stored face records (no detection); `consentry reevaluate` does the same for all."""
+    results = a.pipeline.reevaluate(subject_ids=[subject_id], reason=reason)
+    if not results:
+        return EXIT_OK
+    return summary(results, title="photos re-labelled")
 
 
 # -- scanning ----------------------------------------------------------------------------

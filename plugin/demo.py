@@ -121,9 +121,14 @@ def run_demo(*, out: Path, photos: Path | None, console: Console) -> int:
 def _print_verdicts(a, console: Console) -> None:
     from plugin.reporting import report_rows
 
-    table = Table("photo", "status", "names", "channels", "until", "unknown", title="verdicts")
-    for row in report_rows(a.state, now=a.pipeline.clock(), channels=a.settings.policy.channels):
+    table = Table(title="verdicts")
+    table.add_column("photo", no_wrap=True)
+    for column in ("status", "names", "channels", "until", "unknown"):
+        table.add_column(column)
+    vocabulary = list(a.settings.policy.channels)
+    for row in report_rows(a.state, now=a.pipeline.clock(), channels=vocabulary):
+        channels = "all" if row["channels"] == vocabulary else ", ".join(row["channels"])
         table.add_row(row["asset"].split(":", 1)[1], row["status"], ", ".join(row["names"]),
-                      ", ".join(row["channels"]), row["valid_until"] or "",
+                      channels, row["valid_until"] or "",
                       "" if row["unidentified"] is None else str(row["unidentified"]))
     console.print(table)
