@@ -391,3 +391,7 @@ class _guard:
 def main() -> None:
     app()
 
+
+
+# Commands of the privacy-officer side live in their own modules and register on the apps
+# above when imported (keeps this module about the core workflow).

@@ -109,3 +109,25 @@ audit = sa.Table(
     sa.Column("prev_mac", sa.String(64), nullable=False),
     sa.Column("mac", sa.String(64), nullable=False),
 )
+
+# Resumable erasure (Art. 17): one row per subject being erased; ids and counts only, never
+# the name, so an interrupted erasure leaves nothing personal behind in this table.
+erasures = sa.Table(
+    "erasures",
+    metadata,
+    sa.Column("subject_id", sa.String(36), primary_key=True),
+    sa.Column("started_at", sa.String(32), nullable=False),
+    sa.Column("stage", sa.String(32), nullable=False),
+    sa.Column("assets", sa.JSON, nullable=False, default=list),
+    sa.Column("foreign_name_assets", sa.JSON, nullable=False, default=list),
+    sa.Column("templates_destroyed", sa.Integer, nullable=False, default=0),
+    sa.Column("consents_deleted", sa.Integer, nullable=False, default=0),
+    sa.Column("finished_at", sa.String(32)),
+)
+
+meta = sa.Table(
+    "meta",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)

@@ -395,6 +395,16 @@ class StateStore:
             conn.execute(t.cursors.delete().where(t.cursors.c.connector == connector))
             conn.execute(t.cursors.insert().values(connector=connector, value=value))
 
+    def get_meta(self, key: str) -> str | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(t.meta.c.value).where(t.meta.c.key == key)).first()
+        return row.value if row else None
+
+    def set_meta(self, key: str, value: str, conn: sa.Connection | None = None) -> None:
+        with self._conn(conn) as c:
+            c.execute(t.meta.delete().where(t.meta.c.key == key))
+            c.execute(t.meta.insert().values(key=key, value=value))
+
     def counts(self) -> dict[str, int]:
         with self.engine.connect() as conn:
             return {
