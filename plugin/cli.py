@@ -257,6 +257,37 @@ def _apply_consent_change(a, subject_id, *, reason: str) -> int:
     return summary(results, title="photos re-labelled")
 
 
+@consents_app.command("expiring")
+def consents_expiring(
+    days: Annotated[int, typer.Option(help="look this many days ahead")] = 30,
+) -> None:
+    """Consents with a grant that ends within N days, and how many photos each covers."""
+    from plugin.sweep import expiring
+
+    with _guard(), open_app() as a:
+        names = {s.id: s.display_name for s in a.state.subjects()}
+        table = Table("consent", "subject", "grant", "channels", "ends", "assets")
+        for e in expiring(a.state, now=a.pipeline.clock(), days=days):
+            table.add_row(str(e.consent.id), names.get(e.consent.subject_id, "?"),
+                          e.grant.kind.value, ",".join(e.grant.channels),
+                          e.ends.date().isoformat(), str(e.assets))
+        console.print(table)
+
+
+@app.command("sweep")
+def sweep_command() -> None:
+    """Apply consents that started, expired or were withdrawn since the last sweep (for cron)."""
+    from plugin.sweep import sweep
+
+    with _guard(), open_app() as a:
+        result = sweep(a.pipeline)
+        console.print(f"{len(result.subjects_changed)} subject(s) changed since "
+                      f"{result.since.isoformat() if result.since else 'the first sweep'}; "
+                      f"templates destroyed for {len(result.templates_destroyed)}")
+        code = summary(list(result.results), title="sweep") if result.results else EXIT_OK
+    raise typer.Exit(code)
+
+
 # -- scanning ----------------------------------------------------------------------------
 def _run_with_progress(label: str, total: int | None, run) -> list[AssetResult]:
     progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),

@@ -37,3 +37,29 @@ def engine():
     e = DlibEngine()
     e.load()
     return e
+
+
+class CountingEngine:
+    """The session engine, counting detector calls (re-labelling must make none)."""
+
+    def __init__(self, inner):
+        self.inner, self.detect_calls = inner, 0
+
+    @property
+    def version(self):
+        return self.inner.version
+
+    def detect(self, image):
+        self.detect_calls += 1
+        return self.inner.detect(image)
+
+    def encode(self, image, faces):
+        return self.inner.encode(image, faces)
+
+
+@pytest.fixture
+def counting_engine(engine, monkeypatch):
+    """A counting engine that every App opened in the test uses."""
+    counting = CountingEngine(engine)
+    monkeypatch.setattr("plugin.app.default_engine", lambda settings: counting)
+    return counting
