@@ -192,6 +192,8 @@ def consents_add(
                                                        field="--publication-until")))
         if not grants:
             raise fail("a consent needs --biometric and/or --channels")
+        if guardian and not signed_by:
+            raise fail("--guardian needs --signed-by NAME: the guardian who signed")
         digest = sha256
         if digest is None:
             path = Path(document)
@@ -426,3 +428,4 @@ def main() -> None:
 
 # Commands of the privacy-officer side live in their own modules and register on the apps
 # above when imported (keeps this module about the core workflow).
+from plugin import cli_review  # noqa: E402, F401

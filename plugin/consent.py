@@ -53,7 +53,8 @@ def has_active_biometric(consents: Iterable[Consent], now: datetime) -> bool:
     return any(g.active_at(now) for _, g in grants_of(consents, GrantKind.BIOMETRIC))
 
 
-def _is_minor(subject: Subject, now: datetime) -> bool:
+def is_minor(subject: Subject, now: datetime) -> bool:
+    """Flagged a minor, or under 18 at `now` by birth date."""
     if subject.minor:
         return True
     if subject.birth_date is None:
@@ -81,7 +82,7 @@ def standing(subject: Subject, consents: Sequence[Consent], now: datetime) -> Su
         biometric_active=has_active_biometric(consents, now),
         publication=active_pub,
         ended_status=ended_status,
-        minor=_is_minor(subject, now),
+        minor=is_minor(subject, now),
     )
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from plugin.audit import AuditLog
-from plugin.consent import has_active_biometric
+from plugin.consent import has_active_biometric, is_minor
 from plugin.engine import FaceEngine
 from plugin.errors import ConsentError, EnrollmentError, ImageError
 from plugin.imaging import decode
@@ -43,8 +43,9 @@ def add_consent(state: StateStore, audit: AuditLog, consent: Consent) -> Consent
     subject = state.subject(consent.subject_id)
     if subject is None:
         raise ConsentError("no such subject")
-    if subject.minor and not consent.guardian:
-        raise ConsentError("the subject is a minor: the consent must be signed by a guardian")
+    if is_minor(subject, consent.signed_at) and not consent.guardian:
+        raise ConsentError("the subject is a minor: the consent must be signed by a guardian "
+                           "(--guardian --signed-by NAME)")
     state.add_consent(consent)
     audit.append("consent.added", subject_id=consent.subject_id, actor="admin", details={
         "consent_id": str(consent.id),

@@ -70,8 +70,9 @@ def carry_decisions(new: Sequence[FaceRecord], old: Sequence[FaceRecord]) -> lis
             if best.state == FaceState.CONFIRMED:
                 face = face.model_copy(update={"state": best.state,
                                                "subject_id": best.subject_id})
-            elif face.subject_id == best.subject_id or face.state == FaceState.UNCERTAIN:
-                # A rejected match is never proposed again for that face.
+            elif face.state != FaceState.AUTO or face.subject_id == best.subject_id:
+                # A rejected match is never proposed again for that face, also after a rescan
+                # that found it unknown; only a confident match to someone else replaces it.
                 face = face.model_copy(update={"state": FaceState.REJECTED,
                                                "subject_id": best.subject_id,
                                                "candidates": ()})
