@@ -237,10 +237,7 @@ class Pipeline:
         """Recompute verdicts from stored face records and rewrite what changed."""
         now = self.clock()
         subjects, consents = self._context()
-        rows = self.state.assets(subject_ids=subject_ids)
-        if assets is not None:
-            wanted = set(assets)
-            rows = [r for r in rows if (r.connector, r.asset_id) in wanted]
+        rows = self.state.assets(subject_ids=subject_ids, keys=assets)
         results = []
         for row in rows:
             if row.geometry is None or row.connector not in self.connectors:

@@ -280,10 +280,14 @@ class StateStore:
         return self._asset(row) if row else None
 
     def assets(self, connector: str | None = None,
-               subject_ids: Sequence[uuid.UUID] | None = None) -> list[AssetRow]:
+               subject_ids: Sequence[uuid.UUID] | None = None,
+               keys: Sequence[tuple[str, str]] | None = None) -> list[AssetRow]:
         query = t.assets.select().order_by(t.assets.c.connector, t.assets.c.asset_id)
         if connector is not None:
             query = query.where(t.assets.c.connector == connector)
+        if keys is not None:
+            query = query.where(sa.tuple_(t.assets.c.connector, t.assets.c.asset_id)
+                                .in_([tuple(k) for k in keys]))
         if subject_ids is not None:
             with_subject = sa.select(t.faces.c.connector, t.faces.c.asset_id).where(
                 t.faces.c.subject_id.in_([str(s) for s in subject_ids]))
