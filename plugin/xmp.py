@@ -10,25 +10,49 @@ What Consentry owns in a file, and how a later write recognises it (everything e
   is listed in `consentry:Regions`. They are replaced as a set on every write; others' regions
   stay, in their order, before ours. A foreign region with exactly the box of one of ours is the
   same box and merges into ours.
-- **Names**: the names on our regions. `PersonInImage` entries equal to one of them, and
-  `PersonInImageWDetails` entries whose PersonName is one of them *and* whose PersonId holds a
-  `urn:uuid:`, are ours; nothing else is touched. No name is ever stored in our namespace: the
-  regions carry them, so removing a region's Name also releases every trace of it. A name that
-  someone else also put in `PersonInImage` cannot be told apart from ours and goes with ours —
-  on withdrawal, privacy wins.
+- **Names**: the names on our regions, as the file holds them and as this write sets them.
+  `PersonInImage` entries equal to one of them, and `PersonInImageWDetails` entries whose
+  PersonName is one of them *and* whose PersonId holds a `urn:uuid:`, are ours; nothing else is
+  touched. No name is ever stored in our namespace: the regions carry them, so removing a
+  region's Name also releases every trace of it. A name that someone else also put in
+  `PersonInImage` cannot be told apart from ours and goes with ours — it merges into ours when
+  we write that name, and on withdrawal, privacy wins.
 - **Keywords**: `Consent|…` (lr:hierarchicalSubject) and `Consent/…` (digiKam:TagsList) are
   Consentry's subtree and always replaced. `People|<name>` / `People/<name>` count as ours only
-  when `consentry:NameKeywords` says we wrote name keywords and the name is on one of our
-  regions. `dc:subject` is never written.
+  when name keywords are on (this write's setting, or `consentry:NameKeywords` saying we wrote
+  them) and the name is one of ours, as above. `dc:subject` is never written.
 - **PLUS**: `ModelReleaseStatus` is ours (the policy's answer). `ModelReleaseID` entries are ours
-  when listed in `consentry:ConsentIDs`. `MinorModelAgeDisclosure` is written as `AG-UNK` for a
-  minor (the writer knows no age at capture time) unless the file already gives a minor's age;
-  `AG-UNK` is removed again when no minor is depicted; other ages are left alone.
+  when listed in `consentry:ConsentIDs` or written now. `MinorModelAgeDisclosure` is written as
+  `AG-UNK` for a minor (the writer knows no age at capture time) unless the file already gives a
+  minor's age; `AG-UNK` is removed again when no minor is depicted; other ages are left alone.
 - **consentry:** — all ours.
+
+An entry equal to one this write sets is ours from this write on, not only from the next: the
+next write judges by what this one left, so it finds the same entries ours, in the same order,
+and has nothing to do.
 
 Sidecar mode: readers such as Immich let a sidecar's tag replace the image's tag whole, so the
 sidecar carries the foreign entries of the image's XMP (regions, people, keywords, release ids)
-as well as its own, merged and de-duplicated; the image is only read.
+as well as its own, merged and de-duplicated; the image is only read, never written. The image's
+foreign entries are carried **once**, by Consentry's first write into the sidecar (one holding
+nothing of our namespace yet: absent, or made by another tool, as Immich does). From then on the
+sidecar is authoritative: each write changes only our entries there, and the image serves only
+to recognise what an earlier embedded write of ours left in it (our marks and the names on our
+regions, which are never carried).
+
+Why only once: removal. Our namespace keeps no names, so once Consentry has removed one (consent
+withdrawn, subject erased) nothing tells that the image's equal `PersonInImage` entry or
+`People|…` keyword was that name; carrying the image again on every write would put the removed
+name back into the sidecar at once (and fail the write's own check that a second write finds
+nothing to do). So readers stop showing a removed name even where the image still lists it.
+Limits: the image itself is out of reach in sidecar mode (the erasure receipt lists its fields
+for the privacy officer); a sidecar deleted or stripped of our namespace is seeded again from
+the image, name included; and what another tool adds to the image's XMP after our first write is
+not mirrored into the sidecar — in sidecar mode tools should write the sidecar, which the
+readers prefer anyway. Rejected: carrying an image name only while a foreign region of the image
+names that person too — on every write it would hide from sidecar readers every name an image
+lists without a region (an agency's `PersonInImage`), though Consentry never wrote it, and it
+leaves name keywords, release ids and regions with the same flaw.
 
 No value depends on the time of writing: the same verdict gives the same bytes, and a file that
 already holds the planned values is not touched at all (same bytes, same mtime).
@@ -44,7 +68,7 @@ import secrets
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -394,29 +418,52 @@ def _same(desired: Raw, current: Raw | None) -> bool:
     return all(_canon(v) == _canon(current.get(k)) for k, v in desired.items())
 
 
+def _written_by_consentry(raw: Raw) -> bool:
+    """True when Consentry has written into this file: it holds something of our namespace."""
+    return any(
+        raw[key] not in (None, [])
+        for key, tag in TAGS.items()
+        if tag.name.startswith("XMP-consentry:")
+    )
+
+
 def plan(
-    sources: Sequence[Raw],
+    current: Raw | None,
     verdict: AssetVerdict,
     geometry: Geometry,
     *,
+    image: Raw | None = None,
     engine: str,
     names_as_keywords: bool,
 ) -> Raw:
     """The values of every written tag after writing `verdict` (None: no such tag).
 
-    `sources` hold what is there now, the file being written first; in sidecar mode the image's
-    own XMP follows, so that its foreign entries are carried into the sidecar. Raises
-    ValueError for a face box outside the image or a naive `valid_until`.
+    `current` is what the file being written holds now (None: a sidecar not there yet). In
+    sidecar mode `image` is the image's own XMP: it always tells what Consentry wrote earlier
+    (our marks, the names on our regions), but its foreign entries are carried only until
+    Consentry has written the sidecar once (see the module docstring). Raises ValueError for a
+    face box outside the image or a naive `valid_until`.
     """
-    marks = _marks(sources)
+    # What tells our entries from others': every file Consentry may have written.
+    evidence = [s for s in (current, image) if s is not None]
+    # Where the entries we keep come from: the image only while the sidecar is not seeded.
+    sources = [current] if current is not None and _written_by_consentry(current) else evidence
+    marks = _marks(evidence)
     old_names = {
         str(r["Name"])
-        for s in sources
+        for s in evidence
         for r in _region_list(s)
         if _area_key(r) in marks and r.get("Name") not in (None, "")
     }
-    old_name_keywords = any(s["name_keywords"] is True for s in sources)
-    old_consents = {str(c) for s in sources for c in s["consent_ids"]}
+    old_name_keywords = any(s["name_keywords"] is True for s in evidence)
+    names = list(verdict.names)
+    # An entry equal to one we write now is ours as well (it merges into ours, like a foreign
+    # region with our box): so the write after this one finds the same entries ours, in the
+    # same order, and removing the name later removes it too.
+    our_names = old_names | set(names)
+    our_consents = {str(c) for s in evidence for c in s["consent_ids"]}
+    consent_ids = [str(c) for c in verdict.consent_ids]
+    our_consents |= set(consent_ids)
 
     areas = [to_area(face.box, geometry) for face in verdict.faces]
     ours = [_our_region(a, f.name) for a, f in zip(areas, verdict.faces, strict=True)]
@@ -435,7 +482,6 @@ def plan(
     if foreign or ours:
         info["RegionList"] = foreign + ours
 
-    names = list(verdict.names)
     details: list[dict[str, Any]] = []
     for face in verdict.faces:
         if face.name and face.subject_id:
@@ -445,9 +491,11 @@ def plan(
     def our_detail(d: Any) -> bool:
         return (
             isinstance(d, dict)
-            and str(d.get("PersonName")) in old_names
+            and str(d.get("PersonName")) in our_names
             and any(str(i).startswith(_PERSON_URN) for i in _as_list(d.get("PersonId")))
         )
+
+    name_keywords_ours = old_name_keywords or names_as_keywords
 
     def keywords(field: str, sep: str) -> list[Any]:
         def ours_(k: Any) -> bool:
@@ -455,7 +503,7 @@ def plan(
             if text.startswith(f"Consent{sep}"):
                 return True
             person = text.removeprefix(f"People{sep}")
-            return old_name_keywords and person != text and person in old_names
+            return name_keywords_ours and person != text and person in our_names
 
         kept = (k for s in sources for k in s[field] if not ours_(k))
         people = [f"People{sep}{n}" for n in names] if names_as_keywords else []
@@ -467,11 +515,10 @@ def plan(
     else:
         minor_age = None if current_age == MINOR_UNKNOWN_AGE else current_age
 
-    consent_ids = [str(c) for c in verdict.consent_ids]
     return {
         "region_info": info,
         "persons": _unique(
-            [*(p for s in sources for p in s["persons"] if str(p) not in old_names), *names]
+            [*(p for s in sources for p in s["persons"] if str(p) not in our_names), *names]
         ),
         "person_details": _unique(
             [*(d for s in sources for d in s["person_details"] if not our_detail(d)), *details]
@@ -479,7 +526,7 @@ def plan(
         "model_release": verdict.model_release.value,
         "model_release_ids": _unique(
             [
-                *(i for s in sources for i in s["model_release_ids"] if str(i) not in old_consents),
+                *(i for s in sources for i in s["model_release_ids"] if str(i) not in our_consents),
                 *consent_ids,
             ]
         ),
@@ -577,12 +624,12 @@ class XmpWriter:
         embedded = self._fetch(image)
 
         def desired_for(current: Raw | None) -> Raw:
-            sources = [s for s in (current, embedded if sidecar else None) if s is not None]
             try:
                 return plan(
-                    sources,
+                    current,
                     verdict,
                     geometry,
+                    image=embedded if sidecar else None,
                     engine=engine,
                     names_as_keywords=self.names_as_keywords,
                 )

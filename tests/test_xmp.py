@@ -519,6 +519,236 @@ def test_sidecar_replaces_our_embedded_regions_instead_of_copying_them(
     assert state.persons == () and state.person_details == ()
 
 
+def jane(box: FaceBox, *, named: bool = True) -> AssetVerdict:
+    """Jane Doe on `box` while named; withdrawn (no name, no subject) otherwise."""
+    if named:
+        return verdict(
+            face(box, Status.CLEARED, name="Jane Doe", subject=OBAMA),
+            status=Status.CLEARED,
+            consent_ids=(CONSENT,),
+        )
+    return verdict(face(box, Status.WITHDRAWN), status=Status.WITHDRAWN)
+
+
+def carry_jane_in_the_image(photo: Path, how: str, writer: XmpWriter) -> None:
+    if how == "person in image":  # as reported: one PersonInImage entry, nothing else
+        exiftool_set(photo, "-XMP-iptcExt:PersonInImage=Jane Doe")
+    elif how == "someone else":
+        exiftool_set(
+            photo,
+            "-XMP-iptcExt:PersonInImage=Jane Doe",
+            "-XMP-iptcExt:PersonInImage=Somebody Else",
+            "-XMP-iptcExt:PersonInImageWDetails={PersonName=Jane Doe,PersonId=urn:uuid:"
+            f"{BIDEN}}}",
+            "-XMP-lr:HierarchicalSubject=People|Jane Doe",
+            "-XMP-lr:HierarchicalSubject=Places|Berlin",
+            "-XMP-digiKam:TagsList=People/Jane Doe",
+        )
+    else:  # an earlier embedded write of ours, whose regions and marks another tool dropped
+        writer.write(photo, jane(FaceBox(top=30, right=140, bottom=150, left=40)), PLAIN_GEOMETRY,
+                     engine="e")
+        exiftool_set(photo, "-XMP-mwg-rs:RegionInfo=", "-XMP-consentry:all=")
+    assert writer.read(photo).persons[0] == "Jane Doe"
+
+
+@pytest.mark.parametrize("how", ["person in image", "someone else", "our earlier embedded write"])
+@pytest.mark.parametrize("keywords", [False, True], ids=["status-keywords", "name-keywords"])
+def test_sidecar_removes_a_name_the_image_carries_too(
+    writer: XmpWriter, keyword_writer: XmpWriter, photo: Path, how: str, keywords: bool
+):
+    """Privacy wins: once Consentry removes a name, the sidecar shows it nowhere, though the
+    image (never written in sidecar mode) still lists it; and the removal stays removed."""
+    chosen = keyword_writer if keywords else writer
+    carry_jane_in_the_image(photo, how, writer)
+    image_bytes, image_mtime = photo.read_bytes(), age(photo)
+    sidecar = photo.with_name(photo.name + ".xmp")
+    box = FaceBox(top=30, right=140, bottom=150, left=40)
+
+    assert chosen.write(photo, jane(box), PLAIN_GEOMETRY, engine="e", sidecar=sidecar)
+    assert not chosen.write(photo, jane(box), PLAIN_GEOMETRY, engine="e", sidecar=sidecar)
+    state = chosen.read(sidecar)
+    assert [(r.name, r.ours) for r in state.regions] == [("Jane Doe", True)]
+    assert state.persons.count("Jane Doe") == 1
+
+    assert chosen.write(photo, jane(box, named=False), PLAIN_GEOMETRY, engine="e",
+                        sidecar=sidecar)
+    doc = exiftool_json(sidecar, "-XMP:all")
+    assert [r.get("Name") for r in regions(doc)] == [None]
+    assert "XMP-iptcExt:PersonInImageWDetails" not in doc
+    assert b"urn:uuid:" not in sidecar.read_bytes()
+    theirs: list[str] = []
+    their_tags: list[str] = []
+    if how == "someone else":  # what else others wrote is carried as before
+        assert doc["XMP-iptcExt:PersonInImage"] == ["Somebody Else"]
+        theirs, their_tags = ["People|Jane Doe", "Places|Berlin"], ["People/Jane Doe"]
+    else:
+        assert "XMP-iptcExt:PersonInImage" not in doc
+    if keywords:  # we wrote name keywords: theirs equal to ours went with ours
+        theirs, their_tags = ["Places|Berlin"] if theirs else [], []
+    assert doc["XMP-lr:HierarchicalSubject"] == [*theirs, "Consent|Withdrawn"]
+    assert doc["XMP-digiKam:TagsList"] == [*their_tags, "Consent/Withdrawn"]
+    if not their_tags:  # else a name keyword someone else wrote, never ours (DESIGN §7)
+        assert b"Jane Doe" not in sidecar.read_bytes()
+    assert photo.read_bytes() == image_bytes and photo.stat().st_mtime_ns == image_mtime
+    assert "Jane Doe" in chosen.read(photo).persons  # the image's own: not ours to edit
+
+    # Idempotent, also for a later run (another exiftool process) that finds the name only in
+    # the image: same bytes, same mtime.
+    sidecar_bytes, sidecar_mtime = sidecar.read_bytes(), age(sidecar)
+    withdrawn = jane(box, named=False)
+    assert not chosen.write(photo, withdrawn, PLAIN_GEOMETRY, engine="e", sidecar=sidecar)
+    with XmpWriter(names_as_keywords=keywords) as fresh:
+        assert not fresh.write(photo, withdrawn, PLAIN_GEOMETRY, engine="e", sidecar=sidecar)
+    assert sidecar.read_bytes() == sidecar_bytes
+    assert sidecar.stat().st_mtime_ns == sidecar_mtime
+    assert leftovers(photo.parent) == []
+
+
+def test_sidecar_is_authoritative_after_consentry_first_wrote_it(writer: XmpWriter, photo: Path):
+    """The image's foreign entries are carried into the sidecar by Consentry's first write;
+    later writes change only our entries, so nothing removed there comes back from the image
+    (not even a copy of one of our named regions someone put into the image)."""
+    add_foreign(photo)
+    sidecar = photo.with_name(photo.name + ".xmp")
+    box = FaceBox(top=30, right=140, bottom=150, left=40)
+    assert writer.write(photo, jane(box), PLAIN_GEOMETRY, engine="e", sidecar=sidecar)
+    # Another tool copies our regions into the image without our marks, and adds a name.
+    subprocess.run(
+        ["exiftool", "-q", "-overwrite_original", "-tagsFromFile", str(sidecar),
+         "-XMP-mwg-rs:RegionInfo", "-XMP-iptcExt:PersonInImage", str(photo)],
+        check=True, capture_output=True,
+    )
+    exiftool_set(photo, "-XMP-iptcExt:PersonInImage+=Added Later")
+    assert "Jane Doe" in [r.name for r in writer.read(photo).regions]
+
+    moved = FaceBox(top=40, right=150, bottom=160, left=50)  # detected a little elsewhere
+    assert writer.write(photo, jane(moved, named=False), PLAIN_GEOMETRY, engine="e",
+                        sidecar=sidecar)
+    assert not writer.write(photo, jane(moved, named=False), PLAIN_GEOMETRY, engine="e",
+                            sidecar=sidecar)
+    assert b"Jane Doe" not in sidecar.read_bytes()
+    doc = exiftool_json(sidecar, "-XMP:all")
+    assert [r.get("Name") for r in regions(doc)] == ["Somebody Else", None, None]
+    assert doc["XMP-iptcExt:PersonInImage"] == ["Somebody Else"]
+
+
+def test_a_sidecar_another_tool_made_still_gets_the_image_foreign_entries(
+    writer: XmpWriter, photo: Path
+):
+    """Immich writes sidecars of its own (description, tags): Consentry's first write into one
+    carries the image's foreign regions and people, or the sidecar would hide them."""
+    add_foreign(photo)
+    sidecar = photo.with_name(photo.name + ".xmp")
+    exiftool_set(sidecar, "-XMP-digiKam:TagsList=Holiday", "-XMP-dc:Description=From Immich")
+    assert writer.read(sidecar).regions == ()
+    box = FaceBox(top=30, right=140, bottom=150, left=40)
+    assert writer.write(photo, jane(box), PLAIN_GEOMETRY, engine="e", sidecar=sidecar)
+    doc = exiftool_json(sidecar, "-XMP:all")
+    assert [r.get("Name") for r in regions(doc)] == ["Somebody Else", None, "Jane Doe"]
+    assert doc["XMP-iptcExt:PersonInImage"] == ["Somebody Else", "Jane Doe"]
+    assert doc["XMP-digiKam:TagsList"] == ["Holiday", "Places/Berlin", "Consent/Cleared"]
+    assert doc["XMP-dc:Description"] == "From Immich"
+    assert "AGENCY-7" in doc["XMP-plus:ModelReleaseID"]
+    assert not writer.write(photo, jane(box), PLAIN_GEOMETRY, engine="e", sidecar=sidecar)
+
+
+def test_a_name_others_listed_before_others_merges_into_ours(
+    keyword_writer: XmpWriter, photo: Path
+):
+    """Someone else's entry equal to one we write is ours from that write on (not only from the
+    next one): the second write finds nothing to do, and withdrawal removes it."""
+    exiftool_set(
+        photo,
+        "-XMP-iptcExt:PersonInImage=Jane Doe",
+        "-XMP-iptcExt:PersonInImage=Somebody Else",
+        f"-XMP-iptcExt:PersonInImageWDetails={{PersonName=Jane Doe,PersonId=urn:uuid:{BIDEN}}}",
+        "-XMP-iptcExt:PersonInImageWDetails={PersonName=Somebody Else,PersonId=urn:uuid:x}",
+        "-XMP-lr:HierarchicalSubject=People|Jane Doe",
+        "-XMP-lr:HierarchicalSubject=Places|Berlin",
+        f"-XMP-plus:ModelReleaseID={CONSENT}",
+        "-XMP-plus:ModelReleaseID=AGENCY-7",
+    )
+    box = FaceBox(top=30, right=140, bottom=150, left=40)
+    assert keyword_writer.write(photo, jane(box), PLAIN_GEOMETRY, engine="e")
+    doc = exiftool_json(photo, "-XMP:all")
+    assert doc["XMP-iptcExt:PersonInImage"] == ["Somebody Else", "Jane Doe"]
+    assert [d["PersonId"] for d in doc["XMP-iptcExt:PersonInImageWDetails"]] == [
+        ["urn:uuid:x"],
+        [f"urn:uuid:{OBAMA}"],
+    ]
+    assert doc["XMP-lr:HierarchicalSubject"] == [
+        "Places|Berlin",
+        "Consent|Cleared",
+        "People|Jane Doe",
+    ]
+    assert doc["XMP-plus:ModelReleaseID"] == ["AGENCY-7", str(CONSENT)]
+    before, mtime = photo.read_bytes(), age(photo)
+    assert not keyword_writer.write(photo, jane(box), PLAIN_GEOMETRY, engine="e")
+    assert photo.read_bytes() == before and photo.stat().st_mtime_ns == mtime
+
+    assert keyword_writer.write(photo, jane(box, named=False), PLAIN_GEOMETRY, engine="e")
+    assert b"Jane Doe" not in photo.read_bytes()
+    state = keyword_writer.read(photo)
+    assert state.persons == ("Somebody Else",)
+    assert state.hierarchical_subject == ("Places|Berlin", "Consent|Withdrawn")
+    assert state.model_release_ids == ("AGENCY-7",)
+    assert not keyword_writer.write(photo, jane(box, named=False), PLAIN_GEOMETRY, engine="e")
+
+
+def test_consents_withdraw_in_a_sidecar_library_whose_images_list_the_name(
+    tmp_path: Path, demo_data: Path, engine, monkeypatch: pytest.MonkeyPatch
+):
+    """End to end: the images already list the person in PersonInImage; `consents withdraw`
+    succeeds and leaves the name in no sidecar where Consentry had put it; a later run
+    rewrites nothing."""
+    from typer.testing import CliRunner
+
+    from plugin.cli import app as cli_app
+
+    monkeypatch.setattr("plugin.app.default_engine", lambda settings: engine)
+    monkeypatch.delenv("CONSENTRY_KEY", raising=False)
+    name = "George Clooney"
+    lib = tmp_path / "photos"
+    lib.mkdir()
+    for src in ("events/2023-film-gala/IMG_0811.jpg", "events/2023-film-gala/IMG_0812.jpg",
+                "portraits/IMG_3302.jpg"):
+        shutil.copy(demo_data / "library" / src, lib / Path(src).name)
+        exiftool_set(lib / Path(src).name, "-XMP-iptcExt:PersonInImage=Somebody Else",
+                     f"-XMP-iptcExt:PersonInImage={name}")
+    images = {p.name: p.read_bytes() for p in lib.glob("*.jpg")}
+    runner = CliRunner()
+
+    def cli(*args: str) -> str:
+        result = runner.invoke(cli_app, ["--config", str(tmp_path / "consentry.toml"), *args])
+        assert result.exit_code == 0, (args, result.output)
+        return result.output
+
+    cli("init", "--photos", str(lib), "--write-mode", "sidecar")
+    doc = tmp_path / "quitclaim.pdf"
+    doc.write_bytes(b"%PDF signed")
+    cli("subjects", "add", name)
+    consent = cli("consents", "add", name, "--document", str(doc), "--biometric",
+                  "--channels", "all").split()[0]
+    refs = [str(demo_data / f"people/George_Clooney/ref-{i}.jpg") for i in (1, 2)]
+    cli("subjects", "enroll", name, *refs)
+    cli("scan")
+    with XmpWriter() as reader:
+        named = [s for s in sorted(lib.glob("*.xmp"))
+                 if any(r.name == name for r in reader.read(s).our_regions)]
+        assert named, "the scan named nobody"
+
+        cli("consents", "withdraw", consent)
+        for sidecar in named:
+            state = reader.read(sidecar)
+            assert name.encode() not in sidecar.read_bytes(), sidecar.name
+            assert state.persons == ("Somebody Else",)
+            assert all(r.name is None for r in state.our_regions)
+    assert {p.name: p.read_bytes() for p in lib.glob("*.jpg")} == images
+    sidecars = {s: (s.read_bytes(), age(s)) for s in lib.glob("*.xmp")}
+    cli("reevaluate")
+    assert {s: (s.read_bytes(), s.stat().st_mtime_ns) for s in lib.glob("*.xmp")} == sidecars
+
+
 # -- safety ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("content", [b"this is not a photo\n", os.urandom(64)])
 def test_a_corrupt_file_raises_and_leaves_nothing_behind(
