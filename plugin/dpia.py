@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from plugin.app import App
 
 SWEEP_DUE = timedelta(days=2)  # the service sweeps daily; two days means it is not running
+# The point with zero wrong names in every lfw-dev gallery size (benchmarks/README.md).
+STRICT_THRESHOLD, STRICT_MARGIN = 0.34, 0.12
 LAST_ERASURES = 10
 _SECRET_PARTS = frozenset({"token", "secret", "password", "passwd", "key", "apikey", "credentials"})
 _NOT_ANALYSED = "not analysed yet"
@@ -363,6 +365,13 @@ def _risks(facts: Facts, a: App, connectors: Sequence[Mapping[str, Any]],
                  "measurement on lfw-dev.",
                  f"Return to threshold {d.threshold} / margin {d.margin} unless a measurement "
                  "on your own photos supports the change."))
+    elif s.matching.threshold > STRICT_THRESHOLD:
+        add(Risk(f"Auto-naming at threshold {s.matching.threshold} can name a look-alike "
+                 "stranger when few people are enrolled",
+                 "On lfw-dev, galleries of 3-50 people showed about 7 wrong names per million "
+                 "stranger-face x person comparisons at 0.41 (README, 'Accuracy').",
+                 f"For zero wrong names in every lfw-dev gallery size set threshold "
+                 f"{STRICT_THRESHOLD} / margin {STRICT_MARGIN}; more faces then go to review."))
     consents = a.state.consents_by_subject()
     stale = [sid for sid in a.vault.subjects()
              if not has_active_biometric(consents.get(sid, []), now)]

@@ -22,8 +22,8 @@ from plugin.models import FaceState
 
 @dataclass(frozen=True, slots=True)
 class MatchSettings:
-    threshold: float = 0.5
-    margin: float = 0.06
+    threshold: float = 0.41
+    margin: float = 0.14
     review_threshold: float = 0.6
     # "mean": one averaged vector per subject (less noise than any single reference photo);
     # "nearest": the closest of the subject's reference encodings.

@@ -59,8 +59,8 @@ class PolicySettings(_Section):
 
 
 class MatchingSettings(_Section):
-    threshold: float = Field(0.5, gt=0, lt=1.2, description="max distance to name a face")
-    margin: float = Field(0.06, ge=0, lt=1, description="runner-up must be this much further")
+    threshold: float = Field(0.41, gt=0, lt=1.2, description="max distance to name a face")
+    margin: float = Field(0.14, ge=0, lt=1, description="runner-up must be this much further")
     review_threshold: float = Field(
         0.6, gt=0, lt=1.2, description="closer than this but not identified: review"
     )

@@ -242,7 +242,7 @@ def test_risks_follow_the_configuration(installation, tmp_path):
     config = installation
     text = config.read_text(encoding="utf-8")
     text = text.replace("names_as_keywords = false", "names_as_keywords = true")
-    text = text.replace("threshold = 0.5\n", "threshold = 0.55\n")
+    text = re.sub(r"^threshold = .*$", "threshold = 0.55", text, flags=re.MULTILINE)
     text = text.replace('write_mode = "embed"', 'write_mode = "sidecar"')
     config.write_text(text, encoding="utf-8")
     key_file = config.parent / ".consentry" / "key"
