@@ -71,11 +71,11 @@ def consentry_scan(source: Path, work: Path, copies: int) -> dict[str, float]:
     with App.open(demo_dir / "consentry.toml") as a:
         calls0 = a.engine.detector_calls
         start = time.perf_counter()
-        scan_app(a, paths=[])
+        scan_app(a, paths=[], out=quiet)
         first = time.perf_counter() - start
         calls = a.engine.detector_calls - calls0
         start = time.perf_counter()
-        scan_app(a, paths=[])
+        scan_app(a, paths=[], out=quiet)
         rescan = time.perf_counter() - start
     return {"first": first, "rescan": rescan, "detector_calls": calls}
 
