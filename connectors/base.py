@@ -8,12 +8,37 @@ write is not seen as a change on the next scan.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
 from plugin.models import AssetRef, AssetVerdict, Geometry
 
 Purpose = Literal["analysis", "original"]
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """A local file to analyse. `original` is the stored geometry of the original when `path`
+    is a preview: the pipeline maps boxes from the preview onto the original's grid, which is
+    what the XMP and the platform's own face boxes describe."""
+
+    path: Path
+    original: Geometry | None = None
+
+
+class MetadataWriter(Protocol):
+    """What connectors need of plugin.xmp.XmpWriter (injected, never imported here)."""
+
+    def write(
+        self,
+        image: Path,
+        verdict: AssetVerdict,
+        geometry: Geometry,
+        *,
+        engine: str,
+        sidecar: Path | None = None,
+    ) -> bool: ...
 
 
 class KnownVersions(Protocol):
@@ -24,6 +49,17 @@ class KnownVersions(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class ConnectorContext:
+    """What every connector is built with, besides its own config."""
+
+    writer: MetadataWriter | None
+    engine_version: str
+    known: KnownVersions | None = None
+    base_dir: Path = Path()
+    work_dir: Path = Path(".consentry/work")
+
+
 @runtime_checkable
 class Connector(Protocol):
     name: str
@@ -32,7 +68,7 @@ class Connector(Protocol):
         """Assets that may have changed since `cursor`, and the cursor to store afterwards."""
         ...
 
-    def fetch(self, ref: AssetRef, purpose: Purpose) -> Path:
+    def fetch(self, ref: AssetRef, purpose: Purpose) -> Fetched:
         """A local file with the asset's pixels (a preview is fine for analysis)."""
         ...
 
@@ -46,3 +82,10 @@ class Connector(Protocol):
 @runtime_checkable
 class WebhookSource(Protocol):
     def parse_webhook(self, headers: dict[str, str], body: bytes) -> list[AssetRef]: ...
+
+
+@runtime_checkable
+class Checkable(Protocol):
+    def check(self) -> list[tuple[str, bool, str]]:
+        """(what, ok, detail) lines for `consentry check`; never a secret in `detail`."""
+        ...

@@ -12,11 +12,11 @@ import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from connectors.base import KnownVersions, Purpose
+from connectors.base import ConnectorContext, Fetched, Purpose
 from plugin.errors import AssetError, ConfigError
 from plugin.models import AssetRef, AssetVerdict, Geometry
 
@@ -31,18 +31,6 @@ _MIME = {
     ".tiff": "image/tiff",
     ".webp": "image/webp",
 }
-
-
-class MetadataWriter(Protocol):
-    def write(
-        self,
-        image: Path,
-        verdict: AssetVerdict,
-        geometry: Geometry,
-        *,
-        engine: str,
-        sidecar: Path | None = None,
-    ) -> bool: ...
 
 
 class FolderConfig(BaseModel):
@@ -71,24 +59,18 @@ def file_sha256(path: Path) -> str:
 class FolderConnector:
     Config = FolderConfig
 
-    def __init__(
-        self,
-        config: FolderConfig,
-        *,
-        writer: MetadataWriter,
-        engine_version: str,
-        known: KnownVersions | None = None,
-        base_dir: Path | None = None,
-    ) -> None:
+    def __init__(self, config: FolderConfig, context: ConnectorContext) -> None:
         self.config = config
         self.name = config.name
-        root = config.root if config.root.is_absolute() else (base_dir or Path()) / config.root
+        root = config.root if config.root.is_absolute() else context.base_dir / config.root
         self.root = root.resolve()
         if not self.root.is_dir():
             raise ConfigError(f"folder {self.root} does not exist", key=f"{self.name}.root")
-        self._writer = writer
-        self._engine_version = engine_version
-        self._known = known
+        if context.writer is None:
+            raise ConfigError("the folder connector needs an XMP writer", key=self.name)
+        self._writer = context.writer
+        self._engine_version = context.engine_version
+        self._known = context.known
         self._suffixes = tuple(s.lower() for s in config.suffixes)
 
     # -- listing ---------------------------------------------------------------------------
@@ -176,11 +158,11 @@ class FolderConnector:
             return path.with_suffix(".xmp")
         return path.with_name(path.name + ".xmp")
 
-    def fetch(self, ref: AssetRef, purpose: Purpose) -> Path:
+    def fetch(self, ref: AssetRef, purpose: Purpose) -> Fetched:
         path = self.path_of(ref)
         if not path.exists():
             raise AssetError(ref.name, "file vanished after it was listed")
-        return path
+        return Fetched(path)
 
     def write_back(self, ref: AssetRef, verdict: AssetVerdict, geometry: Geometry) -> AssetRef:
         path = self.path_of(ref)

@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from connectors.base import ConnectorContext
 from plugin import keys, registry
 from plugin.audit import AuditLog
 from plugin.engine import DetectorSettings, DlibEngine, FaceEngine
@@ -63,12 +64,12 @@ class App:
             )
             self.engine = engine or default_engine(settings)
             self.connectors: dict[str, Any] = {}
+            context = ConnectorContext(
+                writer=self.writer, engine_version=self.engine.version, known=self.state,
+                base_dir=settings.base_dir, work_dir=settings.resolve(Path(".consentry/work")),
+            )
             for i, raw in enumerate(settings.connectors):
-                connector = registry.build(
-                    raw, file=str(config_file), index=i, writer=self.writer,
-                    engine_version=self.engine.version, known=self.state,
-                    base_dir=settings.base_dir,
-                )
+                connector = registry.build(raw, file=str(config_file), index=i, context=context)
                 self.connectors[connector.name] = connector
                 self._stack.callback(connector.close)
             self.pipeline = Pipeline(

@@ -382,6 +382,36 @@ def report(
         sys.stdout.write(text)
 
 
+@app.command()
+def check() -> None:
+    """Check the installation and every connector: reachable, credentials, permissions."""
+    from connectors.base import Checkable
+
+    with _guard(), open_app() as a:
+        table = Table("what", "result", "detail")
+        lines: list[tuple[str, bool, str]] = [
+            ("key and vault", True, f"{len(a.vault.subjects())} subject(s) with templates"),
+        ]
+        try:
+            load = getattr(a.engine, "load", None)
+            if load is not None:
+                load()
+            lines.append(("face engine", True, a.engine.version))
+        except ConsentryError as err:
+            lines.append(("face engine", False, str(err)))
+        for name, connector in a.connectors.items():
+            if isinstance(connector, Checkable):
+                lines += [(f"{name}: {what}", ok, detail)
+                          for what, ok, detail in connector.check()]
+            else:
+                lines.append((name, True, "local connector"))
+        for what, ok, detail in lines:
+            table.add_row(what, "[green]ok[/green]" if ok else "[red]failed[/red]",
+                          escape(detail))
+        console.print(table)
+    raise typer.Exit(EXIT_OK if all(ok for _, ok, _ in lines) else EXIT_FAILED)
+
+
 @audit_app.command("verify")
 def audit_verify() -> None:
     """Check the audit chain: an edited entry or a cut tail fails (exit 1)."""

@@ -18,7 +18,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from connectors.base import Connector
+from connectors.base import Connector, Fetched
 from plugin.audit import AuditLog
 from plugin.consent import POLICY_VERSION, asset_verdict, has_active_biometric
 from plugin.engine import FaceEngine
@@ -29,6 +29,7 @@ from plugin.models import (
     AssetRef,
     AssetVerdict,
     Consent,
+    FaceBox,
     FaceRecord,
     FaceState,
     Geometry,
@@ -187,8 +188,8 @@ class Pipeline:
         row = self.state.asset(ref.connector, ref.id)
         if row and row.processing_key == key and not row.needs_analysis:
             return AssetResult(ref, Outcome.SKIPPED, "unchanged", row.status)
-        path = connector.fetch(ref, "analysis")
-        analysis = self._analyse(ref, path, matcher)
+        fetched = connector.fetch(ref, "analysis")
+        analysis = self._analyse(ref, fetched, matcher)
         old_faces = self.state.faces(ref.connector, ref.id) if row else []
         faces = carry_decisions(analysis.faces, old_faces)
         verdict = asset_verdict(faces, subjects, consents, now, channels=self.channels)
@@ -205,19 +206,21 @@ class Pipeline:
         self.audit.sync_head()
         return AssetResult(written, Outcome.PROCESSED, "", verdict.status.value)
 
-    def _analyse(self, ref: AssetRef, path, matcher: Matcher) -> Analysis:
-        image = decode(path, asset=ref.name, **self.decode_options)
+    def _analyse(self, ref: AssetRef, fetched: Fetched, matcher: Matcher) -> Analysis:
+        image = decode(fetched.path, asset=ref.name, **self.decode_options)
         detections = self.engine.detect(image)
         vectors = self.engine.encode(image, detections)
         matches = matcher.match(vectors) if len(detections) else []
         del vectors  # no vector of any face outlives this function
+        geometry = fetched.original or image.geometry
+        to_original = _preview_scale(image.geometry, geometry)
         faces = tuple(
-            FaceRecord(box=d.box, state=m.state, subject_id=m.subject_id,
+            FaceRecord(box=to_original(d.box), state=m.state, subject_id=m.subject_id,
                        distance=None if m.distance is None else round(m.distance, 4),
                        candidates=m.candidates)
             for d, m in zip(detections, matches, strict=True)
         )
-        return Analysis(geometry=image.geometry, faces=faces)
+        return Analysis(geometry=geometry, faces=faces)
 
     def _write(self, connector: Connector, ref: AssetRef, verdict: AssetVerdict,
                geometry: Geometry, *, previous: str | None) -> AssetRef:
@@ -268,6 +271,25 @@ class Pipeline:
                                        "previous_status": row.status}, conn=conn)
         self.audit.sync_head()
         return AssetResult(written, Outcome.PROCESSED, reason, verdict.status.value)
+
+
+def _preview_scale(preview: Geometry, original: Geometry) -> Callable[[FaceBox], FaceBox]:
+    """Map a box on the (upright) preview onto the original's displayed grid.
+
+    Previews from DAMs are rendered upright, so their displayed grid is the original's
+    displayed grid scaled; each axis is scaled on its own to absorb rounding of the preview size.
+    """
+    if preview == original:
+        return lambda box: box
+    pw, ph = preview.displayed_size
+    ow, oh = original.displayed_size
+    sx, sy = ow / pw, oh / ph
+
+    def scale(box: FaceBox) -> FaceBox:
+        return FaceBox(top=min(oh, round(box.top * sy)), right=min(ow, round(box.right * sx)),
+                       bottom=min(oh, round(box.bottom * sy)), left=min(ow, round(box.left * sx)))
+
+    return scale
 
 
 def _audit_details(verdict: AssetVerdict, faces: Sequence[FaceRecord]) -> dict[str, Any]:

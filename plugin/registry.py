@@ -16,6 +16,9 @@ from plugin.errors import ConfigError
 
 KINDS: dict[str, str] = {
     "folder": "connectors.folder:FolderConnector",
+    "nextcloud": "connectors.nextcloud:NextcloudConnector",
+    "immich": "connectors.immich:ImmichConnector",
+    "resourcespace": "connectors.resourcespace:ResourceSpaceConnector",
 }
 
 
@@ -24,10 +27,14 @@ def connector_class(kind: str) -> Any:
     if target is None:
         raise ConfigError(f"unknown connector kind {kind!r}; known: {', '.join(sorted(KINDS))}")
     module_name, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module_name), attr)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise ConfigError(f"connector kind {kind!r} is not available in this version") from err
+    return getattr(module, attr)
 
 
-def build(raw: Mapping[str, Any], *, file: str, index: int, **context: Any) -> Any:
+def build(raw: Mapping[str, Any], *, file: str, index: int, context: Any) -> Any:
     """Validate one `[[connectors]]` table with its kind's config model and build it."""
     key = f"connectors[{index}]"
     kind = raw.get("kind")
@@ -40,4 +47,4 @@ def build(raw: Mapping[str, Any], *, file: str, index: int, **context: Any) -> A
         first = err.errors()[0]
         sub = ".".join(str(p) for p in first["loc"])
         raise ConfigError(first["msg"], file=file, key=f"{key}.{sub}") from err
-    return cls(config, **context)
+    return cls(config, context)

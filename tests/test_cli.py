@@ -119,3 +119,10 @@ def test_scan_then_report(setup, demo_data):
     assert row["valid_until"] == "2099-01-01" and row["unidentified"] == 0
     csv_out = cli(config, "report", "--format", "csv").output
     assert csv_out.splitlines()[0].startswith("asset,status,names,channels")
+
+
+def test_check_reports_engine_and_connectors(setup):
+    config, _, _ = setup
+    result = cli(config, "check")
+    assert result.exit_code == 0, result.output
+    assert "face engine" in result.output and "local connector" in result.output

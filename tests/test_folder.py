@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from connectors.base import ConnectorContext
 from connectors.folder import FolderConfig, FolderConnector
 from plugin.errors import AssetError, ConfigError
 from plugin.models import AssetVerdict, Geometry, ModelRelease, Status
@@ -53,8 +54,9 @@ def tree(tmp_path):
 
 
 def make(root, writer=None, known=None, **cfg):
-    return FolderConnector(FolderConfig(root=root, **cfg), writer=writer or RecordingWriter(),
-                           engine_version="test", known=known)
+    context = ConnectorContext(writer=writer or RecordingWriter(), engine_version="test",
+                               known=known)
+    return FolderConnector(FolderConfig(root=root, **cfg), context)
 
 
 def test_lists_photos_never_leaving_the_root(tree):

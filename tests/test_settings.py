@@ -6,11 +6,20 @@ from pathlib import Path
 
 import pytest
 
+from connectors.base import ConnectorContext
 from plugin import registry
 from plugin.errors import ConfigError
 from plugin.settings import load
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+class _NoWriter:
+    def write(self, *args, **kwargs):
+        raise AssertionError("not used")
+
+
+CONTEXT = ConnectorContext(writer=_NoWriter(), engine_version="x")
 
 
 def write(tmp_path, text):
@@ -59,9 +68,9 @@ def test_review_threshold_below_threshold_is_refused(tmp_path):
 def test_connector_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"\[connectors\[0\]\.write_mode\]"):
         registry.build({"kind": "folder", "root": str(tmp_path), "write_mode": "paint"},
-                       file="c.toml", index=0, writer=None, engine_version="x")
+                       file="c.toml", index=0, context=CONTEXT)
     with pytest.raises(ConfigError, match="unknown connector kind 'ftp'"):
-        registry.build({"kind": "ftp"}, file="c.toml", index=0)
+        registry.build({"kind": "ftp"}, file="c.toml", index=0, context=CONTEXT)
 
 
 @pytest.mark.parametrize("example", sorted((REPO / "config").glob("*.toml")),
@@ -70,4 +79,4 @@ def test_example_configs_load(example, tmp_path, monkeypatch):
     settings = load(example, env={})
     for i, raw in enumerate(settings.connectors):
         raw = {**raw, "root": str(tmp_path)} if raw.get("kind") == "folder" else raw
-        registry.build(raw, file=str(example), index=i, writer=None, engine_version="x")
+        registry.build(raw, file=str(example), index=i, context=CONTEXT)
