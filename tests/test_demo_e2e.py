@@ -67,24 +67,6 @@ def as_list(value) -> list:
     return value if isinstance(value, list) else [value]
 
 
-class Counting:
-    """Wraps the session engine to count detector calls per test."""
-
-    def __init__(self, inner):
-        self.inner, self.detect_calls = inner, 0
-
-    @property
-    def version(self):
-        return self.inner.version
-
-    def detect(self, image):
-        self.detect_calls += 1
-        return self.inner.detect(image)
-
-    def encode(self, image, faces):
-        return self.inner.encode(image, faces)
-
-
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory, demo_data, engine, monkeypatch_module):
     out = tmp_path_factory.mktemp("demo") / "consentry-demo"
@@ -202,9 +184,8 @@ def test_expected_statuses_for_single_person_photos(demo_out, manifest):
             assert row["status"] == "limited" and row["channels"] == ["internal", "intranet"]
 
 
-def test_second_demo_run_finds_nothing_to_do(demo_copy, demo_data, engine, monkeypatch):
-    counting = Counting(engine)
-    monkeypatch.setattr("plugin.app.default_engine", lambda settings: counting)
+def test_second_demo_run_finds_nothing_to_do(demo_copy, demo_data, counting_engine):
+    counting = counting_engine
     before = {p: p.read_bytes() for p in (demo_copy / "library").rglob("*.jpg")}
     console = Console(file=io.StringIO(), width=200)
     assert run_demo(out=demo_copy, photos=demo_data, console=console) == 0
@@ -246,13 +227,12 @@ def engine_ref_photo() -> str:
 
 
 def test_withdrawal_then_reevaluate_removes_the_name_without_detection(
-        demo_copy, engine, monkeypatch, caplog):
+        demo_copy, counting_engine, caplog):
     from typer.testing import CliRunner
 
     from plugin.cli import app
 
-    counting = Counting(engine)
-    monkeypatch.setattr("plugin.app.default_engine", lambda settings: counting)
+    counting = counting_engine
     config = demo_copy / "consentry.toml"
     with App.open(config) as a:
         obama = a.state.resolve_subject("Barack Obama")

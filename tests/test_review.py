@@ -33,24 +33,6 @@ OUR_GROUPS = ("XMP-mwg-rs:", "XMP-iptcExt:", "XMP-plus:", "XMP-lr:", "XMP-digiKa
 PLUS = "http://ns.useplus.org/ldf/vocab/"
 
 
-class Counting:
-    """The session engine, counting detector calls."""
-
-    def __init__(self, inner):
-        self.inner, self.detect_calls = inner, 0
-
-    @property
-    def version(self):
-        return self.inner.version
-
-    def detect(self, image):
-        self.detect_calls += 1
-        return self.inner.detect(image)
-
-    def encode(self, image, faces):
-        return self.inner.encode(image, faces)
-
-
 def exiftool(path: Path) -> dict:
     out = subprocess.run(["exiftool", "-j", "-struct", "-G1", "-n", str(path)],
                          check=True, capture_output=True, text=True).stdout
@@ -128,12 +110,10 @@ def demo_out(tmp_path_factory, demo_data, engine, monkeypatch_module):
 
 
 @pytest.fixture
-def demo_copy(demo_out, tmp_path, engine, monkeypatch) -> tuple[Path, Counting]:
+def demo_copy(demo_out, tmp_path, counting_engine):
     copy = tmp_path / "demo"
     shutil.copytree(demo_out, copy)
-    counting = Counting(engine)
-    monkeypatch.setattr("plugin.app.default_engine", lambda settings: counting)
-    return copy / "consentry.toml", counting
+    return copy / "consentry.toml", counting_engine
 
 
 def subject_ids(config: Path) -> dict[str, str]:
