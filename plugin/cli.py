@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from plugin import people
-from plugin.errors import AuditChainError, ConsentryError
+from plugin.errors import AuditChainError, AuthError, ConsentryError, UnavailableError
 from plugin.models import Consent, Grant, GrantKind, Subject
 from plugin.pipeline import AssetResult, Outcome
 
@@ -333,15 +333,29 @@ def scan_app(a, *, paths: list[Path], connector: str | None = None,
     if not names:
         raise fail("no connector configured (see `[[connectors]]` in the settings file)")
     results: list[AssetResult] = []
+    stopped = False
     for name in names:
         if name not in a.connectors:
             raise fail(f"no connector named {name!r}")
         c = a.connectors[name]
-        refs = c.select(paths) if paths else c.changes(a.state.cursor(name))[0]
-        results += _run_with_progress(
-            f"scan {name}", len(refs),
-            lambda tick, c=name, refs=refs: a.pipeline.scan(c, refs, on_result=tick))
-    return summary(results, title="scan", out=out)
+        try:
+            if paths:
+                refs = c.select(paths)
+                results += _run_with_progress(
+                    f"scan {name}", len(refs),
+                    lambda tick, c=name, refs=refs: a.pipeline.scan(c, refs, on_result=tick))
+            else:
+                # The connector lists its own changes and the cursor moves only after them.
+                results += _run_with_progress(
+                    f"scan {name}", None,
+                    lambda tick, c=name: a.pipeline.scan(c, on_result=tick))
+        except (AuthError, UnavailableError) as err:
+            # One platform down or refusing the credentials must not stop the others.
+            err_console.print(f"[red]connector {escape(name)} stopped:[/red] {escape(str(err))}",
+                              highlight=False)
+            stopped = True
+    code = summary(results, title="scan", out=out)
+    return EXIT_FAILED if stopped else code
 
 
 @app.command()

@@ -22,7 +22,13 @@ from connectors.base import Connector, Fetched
 from plugin.audit import AuditLog
 from plugin.consent import POLICY_VERSION, asset_verdict, has_active_biometric
 from plugin.engine import FaceEngine
-from plugin.errors import AssetError, ConsentryError
+from plugin.errors import (
+    AssetError,
+    AuthError,
+    ConnectorError,
+    ConsentryError,
+    UnavailableError,
+)
 from plugin.imaging import decode
 from plugin.matcher import Matcher, MatchSettings
 from plugin.models import (
@@ -165,6 +171,10 @@ class Pipeline:
             return work()
         except AssetError as err:
             reason = err.cause
+        except (AuthError, UnavailableError):
+            raise  # credentials refused or platform down: stop this connector, retry later
+        except ConnectorError as err:
+            reason = str(err)  # the platform refused this one asset (404, 409, ...)
         except ConsentryError:
             raise  # engine, key, state, config: the whole run is wrong, not this asset
         except Exception as err:  # one odd asset must not stop the batch
