@@ -7,6 +7,7 @@ nothing. The face engine loads lazily: commands that need no detection never pay
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from contextlib import ExitStack
 from datetime import datetime
@@ -23,6 +24,7 @@ from plugin.settings import Settings
 from plugin.settings import load as load_settings
 from plugin.state import StateStore, now_utc
 from plugin.vault import Vault
+from plugin.workers import AnalysisPool
 from plugin.xmp import XmpWriter
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,12 @@ class App:
                 XmpWriter(names_as_keywords=settings.xmp.names_as_keywords)
             )
             self.engine = engine or default_engine(settings)
+            pool = None
+            workers = settings.engine.workers or os.cpu_count() or 1
+            if engine is None and workers > 1 and isinstance(self.engine, DlibEngine):
+                # Worker processes start on the first photo to analyse, not here.
+                pool = AnalysisPool(self.engine, workers=workers)
+                self._stack.callback(pool.close)
             self.connectors: dict[str, Any] = {}
             context = ConnectorContext(
                 writer=self.writer, engine_version=self.engine.version, known=self.state,
@@ -87,6 +95,7 @@ class App:
                                 "max_pixels": settings.engine.max_pixels},
                 clock=clock,
                 raise_errors=raise_errors,
+                pool=pool,
             )
         except BaseException:
             self._stack.close()

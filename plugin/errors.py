@@ -32,6 +32,14 @@ class ConfigError(ConsentryError):
         where = " ".join(p for p in (file and f"{file}:", key and f"[{key}]") if p)
         super().__init__(f"{where} {problem}".strip())
 
+    def __reduce__(self):
+        return _config_error, (type(self), self.problem, self.file, self.key)
+
+
+def _config_error(cls: type[ConfigError], problem: str, file: str | None,
+                  key: str | None) -> ConfigError:
+    return cls(problem, file=file, key=key)
+
 
 class KeyMaterialError(ConsentryError):
     pass
@@ -64,6 +72,9 @@ class AssetError(ConsentryError):
         self.asset, self.cause = asset, cause
         super().__init__(f"{asset}: {cause}")
 
+    def __reduce__(self):  # pickled back from an analysis worker process
+        return type(self), (self.asset, self.cause)
+
 
 class ImageError(AssetError):
     pass
@@ -79,8 +90,11 @@ class EngineError(ConsentryError):
 
 class ConnectorError(ConsentryError):
     def __init__(self, connector: str, message: str) -> None:
-        self.connector = connector
+        self.connector, self.message = connector, message
         super().__init__(f"{connector}: {message}")
+
+    def __reduce__(self):
+        return type(self), (self.connector, self.message)
 
 
 class AuthError(ConnectorError):

@@ -1,7 +1,8 @@
 """The flow of one asset (DESIGN §3), as a list of stages read top to bottom.
 
 Every asset ends `processed`, `skipped` or `failed` with a reason; one bad asset never stops
-the batch. Vectors live only inside `_analyse`: they are matched and dropped, never stored.
+the batch. Vectors live only in one photo's analysis (a pool worker's pipe, then `_analyse`):
+they are matched and dropped, never stored.
 Re-evaluation (consent changes) reuses the stored face records: no download, no detection.
 """
 
@@ -12,7 +13,9 @@ import hmac
 import json
 import logging
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -29,7 +32,6 @@ from plugin.errors import (
     ConsentryError,
     UnavailableError,
 )
-from plugin.imaging import decode
 from plugin.matcher import Matcher, MatchSettings
 from plugin.models import (
     AssetRef,
@@ -41,8 +43,9 @@ from plugin.models import (
     Geometry,
     Subject,
 )
-from plugin.state import StateStore, now_utc
+from plugin.state import AssetRow, StateStore, now_utc
 from plugin.vault import Vault
+from plugin.workers import AnalysisPool, RawAnalysis, detect_and_encode
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,15 @@ class AssetResult:
     outcome: Outcome
     reason: str = ""
     status: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """An asset fetched and being analysed (in the pool, or later in this process)."""
+
+    row: AssetRow | None
+    fetched: Fetched
+    future: Future[RawAnalysis] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +116,7 @@ class Pipeline:
         decode_options: Mapping[str, Any] | None = None,
         clock: Callable[[], datetime] = now_utc,
         raise_errors: bool = False,
+        pool: AnalysisPool | None = None,
     ) -> None:
         self.state, self.vault, self.audit, self.engine = state, vault, audit, engine
         self.connectors = dict(connectors)
@@ -113,6 +126,7 @@ class Pipeline:
         self.decode_options = dict(decode_options or {})
         self.clock = clock
         self.raise_errors = raise_errors
+        self.pool = pool
 
     # -- keys --------------------------------------------------------------------------
     def processing_key(self, ref: AssetRef) -> str:
@@ -156,13 +170,32 @@ class Pipeline:
         now = self.clock()
         matcher = self.build_matcher(now)
         subjects, consents = self._context()
-        results = []
-        for ref in refs:
-            result = self._guarded(ref, lambda r=ref: self._process(
-                connector, r, matcher=matcher, subjects=subjects, consents=consents, now=now))
+        context = {"matcher": matcher, "subjects": subjects, "consents": consents, "now": now}
+        results: list[AssetResult] = []
+
+        def done(result: AssetResult) -> None:
             results.append(result)
             if on_result:
                 on_result(result)
+
+        # Up to two photos per worker in flight: the pool decodes and detects the next ones
+        # while this process matches, writes XMP and records the previous one.
+        window: deque[tuple[AssetRef, Pending]] = deque()
+        depth = 2 * self.pool.workers if self.pool else 0
+        for ref in refs:
+            prepared = self._guarded(ref, lambda r=ref: self._prepare(connector, r))
+            if isinstance(prepared, AssetResult):
+                done(prepared)
+                continue
+            window.append((ref, prepared))
+            while len(window) > depth:
+                first, pending = window.popleft()
+                done(self._guarded(first, lambda r=first, p=pending: self._complete(
+                    connector, r, p, **context)))
+        while window:
+            first, pending = window.popleft()
+            done(self._guarded(first, lambda r=first, p=pending: self._complete(
+                connector, r, p, **context)))
         self.state.set_cursor(connector_name, new_cursor)
         return results
 
@@ -190,16 +223,26 @@ class Pipeline:
                           details={"reason": reason[:300]})
         return AssetResult(ref, Outcome.FAILED, reason)
 
-    def _process(self, connector: Connector, ref: AssetRef, *, matcher: Matcher,
-                 subjects: Mapping[uuid.UUID, Subject],
-                 consents: Mapping[uuid.UUID, Sequence[Consent]],
-                 now: datetime) -> AssetResult:
-        key = self.processing_key(ref)
+    def _prepare(self, connector: Connector, ref: AssetRef) -> AssetResult | Pending:
+        """Skip an unchanged asset, or fetch it and start its analysis."""
         row = self.state.asset(ref.connector, ref.id)
-        if row and row.processing_key == key and not row.needs_analysis:
+        if row and row.processing_key == self.processing_key(ref) and not row.needs_analysis:
             return AssetResult(ref, Outcome.SKIPPED, "unchanged", row.status)
         fetched = connector.fetch(ref, "analysis")
-        analysis = self._analyse(ref, fetched, matcher)
+        future = (self.pool.submit(fetched.path, asset=ref.name,
+                                   decode_options=self.decode_options)
+                  if self.pool else None)
+        return Pending(row, fetched, future)
+
+    def _complete(self, connector: Connector, ref: AssetRef, pending: Pending, *,
+                  matcher: Matcher, subjects: Mapping[uuid.UUID, Subject],
+                  consents: Mapping[uuid.UUID, Sequence[Consent]],
+                  now: datetime) -> AssetResult:
+        row, fetched = pending.row, pending.fetched
+        raw = (pending.future.result() if pending.future is not None else
+               detect_and_encode(self.engine, fetched.path, asset=ref.name,
+                                 decode_options=self.decode_options))
+        analysis = self._analyse(raw, fetched, matcher)
         old_faces = self.state.faces(ref.connector, ref.id) if row else []
         faces = carry_decisions(analysis.faces, old_faces)
         verdict = asset_verdict(faces, subjects, consents, now, channels=self.channels)
@@ -216,14 +259,12 @@ class Pipeline:
         self.audit.sync_head()
         return AssetResult(written, Outcome.PROCESSED, "", verdict.status.value)
 
-    def _analyse(self, ref: AssetRef, fetched: Fetched, matcher: Matcher) -> Analysis:
-        image = decode(fetched.path, asset=ref.name, **self.decode_options)
-        detections = self.engine.detect(image)
-        vectors = self.engine.encode(image, detections)
-        matches = matcher.match(vectors) if len(detections) else []
-        del vectors  # no vector of any face outlives this function
-        geometry = fetched.original or image.geometry
-        to_original = _preview_scale(image.geometry, geometry)
+    def _analyse(self, raw: RawAnalysis, fetched: Fetched, matcher: Matcher) -> Analysis:
+        """Match the encodings and map the boxes onto the original; drop the vectors."""
+        detections = raw.detections
+        matches = matcher.match(raw.vectors) if len(detections) else []
+        geometry = fetched.original or raw.geometry
+        to_original = _preview_scale(raw.geometry, geometry)
         faces = tuple(
             FaceRecord(box=to_original(d.box), state=m.state, subject_id=m.subject_id,
                        distance=None if m.distance is None else round(m.distance, 4),

@@ -74,6 +74,7 @@ class EngineSettings(_Section):
     max_pixels: int = Field(100_000_000, gt=0, description="decompression-bomb guard")
     upsample: int = Field(1, ge=0, le=2, description="HOG upsampling passes (small faces)")
     jitters: int = Field(1, ge=1, le=100, description="encodings averaged per face (dlib jitter)")
+    workers: int = Field(0, ge=0, le=64, description="analysis processes; 0 = one per core")
 
 
 class XmpSettings(_Section):

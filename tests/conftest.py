@@ -11,6 +11,12 @@ import pytest
 from plugin.demo import TESTDATA_ENV, testdata_dir
 
 
+@pytest.fixture(autouse=True)
+def _one_analysis_process(monkeypatch):
+    """Tests reuse the session engine in-process; the pool has tests of its own."""
+    monkeypatch.setenv("CONSENTRY_ENGINE__WORKERS", "1")
+
+
 @pytest.fixture(scope="session")
 def testdata() -> Path:
     root = testdata_dir()

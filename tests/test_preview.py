@@ -10,6 +10,7 @@ from connectors.base import Fetched
 from plugin.app import App
 from plugin.models import AssetRef, FaceBox, Geometry
 from plugin.setup import initialise
+from plugin.workers import detect_and_encode
 
 PHOTO = "library/events/2024-summit/IMG_2041.jpg"  # 1126x661
 
@@ -28,7 +29,9 @@ def test_boxes_found_on_a_preview_are_mapped_to_the_original(tmp_path, demo_data
         matcher = a.pipeline.build_matcher(a.pipeline.clock())
         ref = AssetRef(connector="photos", id="original.jpg", version="v", name="original.jpg")
         original = Geometry(stored_width=1126, stored_height=661)
-        analysis = a.pipeline._analyse(ref, Fetched(preview, original), matcher)
+        fetched = Fetched(preview, original)
+        raw = detect_and_encode(a.engine, preview, asset=ref.name, decode_options={})
+        analysis = a.pipeline._analyse(raw, fetched, matcher)
     assert analysis.geometry == original
     assert len(analysis.faces) == 2
     for face in truth:
