@@ -472,4 +472,4 @@ def main() -> None:
 
 # Commands of the privacy-officer side live in their own modules and register on the apps
 # above when imported (keeps this module about the core workflow).
-from plugin import cli_erasure, cli_records, cli_review  # noqa: E402, F401
+from plugin import cli_erasure, cli_records, cli_resourcespace, cli_review  # noqa: E402, F401
