@@ -247,6 +247,13 @@ def consents_withdraw(
                                             now=a.pipeline.clock(), kinds=kinds)
         console.print("withdrawn" + ("; face templates destroyed" if destroyed else ""))
         code = _apply_consent_change(a, target.subject_id, reason="consent withdrawn")
+        from plugin.consent import standing
+
+        subject = a.state.subject(target.subject_id)
+        now = a.pipeline.clock()
+        if subject and not standing(subject, a.state.consents(subject.id), now).any_active:
+            # No grant left: platforms that keep person records drop the name too.
+            a.pipeline.forget_on_platforms(subject.id, reason="consent withdrawn")
     raise typer.Exit(code)
 
 
@@ -472,4 +479,10 @@ def main() -> None:
 
 # Commands of the privacy-officer side live in their own modules and register on the apps
 # above when imported (keeps this module about the core workflow).
-from plugin import cli_erasure, cli_records, cli_resourcespace, cli_review  # noqa: E402, F401
+from plugin import (  # noqa: E402, F401
+    cli_erasure,
+    cli_nextcloud,
+    cli_records,
+    cli_resourcespace,
+    cli_review,
+)

@@ -554,6 +554,9 @@ def _rewrite_metadata(app: App, receipt: Receipt) -> None:
             raise ErasureIncomplete(
                 f"{len(failed)} asset(s) could not be rewritten ({listed}); fix them and run "
                 "`consentry subjects erase --resume`")
+    # Platforms with their own person records (Immich) delete the faces and the person
+    # Consentry created: a faceless person would keep the name.
+    app.pipeline.forget_on_platforms(receipt.subject_id, reason="erasure")
     with app.state.begin() as conn:
         _advance(conn, receipt, Stage.METADATA_REWRITTEN)
 

@@ -122,8 +122,9 @@ class HttpClient:
         url = self.url(path)
         if idempotent is None:
             idempotent = method.upper() != "POST"
+        attempts = self.policy.attempts if idempotent else 1
         retrying = Retrying(
-            stop=stop_after_attempt(self.policy.attempts if idempotent else 1),
+            stop=stop_after_attempt(attempts),
             wait=self._wait,
             retry=retry_if_exception(_retryable),
             sleep=self._sleep,
@@ -138,11 +139,11 @@ class HttpClient:
         except RetryableStatus as err:
             raise UnavailableError(
                 self.connector, f"{method} {path}: HTTP {err.response.status_code} after "
-                f"{self.policy.attempts} attempts") from err
+                f"{attempts} attempt(s)") from err
         except (requests.ConnectionError, requests.Timeout) as err:
             raise UnavailableError(
                 self.connector, f"{method} {path}: {type(err).__name__} after "
-                f"{self.policy.attempts} attempts") from err
+                f"{attempts} attempt(s)") from err
         status = response.status_code
         if status in ok or status < 400:
             return response

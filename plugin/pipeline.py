@@ -166,7 +166,7 @@ class Pipeline:
         new_cursor = cursor
         if refs is None:
             listed, new_cursor = connector.changes(cursor)
-            refs = listed
+            refs = listed + self._failed_before(connector_name, listed, new_cursor)
         now = self.clock()
         matcher = self.build_matcher(now)
         subjects, consents = self._context()
@@ -198,6 +198,19 @@ class Pipeline:
                 connector, r, p, **context)))
         self.state.set_cursor(connector_name, new_cursor)
         return results
+
+    def _failed_before(self, connector_name: str, listed: Sequence[AssetRef],
+                       cursor: str | None) -> list[AssetRef]:
+        """Assets that failed on an earlier run of a cursor-based connector.
+
+        A cursor moves past an asset whether or not it was processed, so an incremental
+        listing would never offer it again; a full listing (cursor None) does by itself.
+        """
+        if cursor is None:
+            return []
+        seen = {r.id for r in listed}
+        return [row.ref for row in self.state.assets(connector=connector_name)
+                if row.last_error and row.asset_id not in seen]
 
     def _guarded(self, ref: AssetRef, work: Callable[[], AssetResult]) -> AssetResult:
         try:
@@ -278,6 +291,20 @@ class Pipeline:
         if previous is not None and previous == self.verdict_fingerprint(verdict):
             return ref
         return connector.write_back(ref, verdict, geometry)
+
+    def forget_on_platforms(self, subject_id: uuid.UUID, *, reason: str) -> dict[str, dict]:
+        """Let each platform that keeps its own people (Immich) drop what Consentry created
+        for this subject: its faces and the person record, which would keep the name."""
+        done: dict[str, dict] = {}
+        for name, connector in self.connectors.items():
+            forget = getattr(connector, "forget_subject", None)
+            if forget is None:
+                continue
+            counts = forget(subject_id)
+            done[name] = counts
+            self.audit.append("platform.subject_forgotten", subject_id=subject_id,
+                              details={"connector": name, "reason": reason, **counts})
+        return done
 
     # -- re-evaluation -----------------------------------------------------------------
     def reevaluate(
