@@ -17,6 +17,12 @@ from plugin.models import AssetRef, AssetVerdict, Geometry
 Purpose = Literal["analysis", "original"]
 
 
+class KnownAssets(Protocol):
+    """What Consentry has recorded of a connector's assets (the state store)."""
+
+    def asset_ids(self, connector: str) -> list[str]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Fetched:
     """A local file to analyse. `original` is the stored geometry of the original when `path`
@@ -82,6 +88,14 @@ class Connector(Protocol):
 @runtime_checkable
 class WebhookSource(Protocol):
     def parse_webhook(self, headers: dict[str, str], body: bytes) -> list[AssetRef]: ...
+
+
+@runtime_checkable
+class DeletionSource(Protocol):
+    def take_deleted(self, known: KnownAssets) -> list[str]:
+        """Ids of assets found deleted since the last call (drained); `known` lists what
+        Consentry has recorded, for connectors that find deletions by comparison."""
+        ...
 
 
 @runtime_checkable

@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from connectors.base import ConnectorContext, Fetched, Purpose
+from connectors.base import ConnectorContext, Fetched, KnownAssets, Purpose
 from plugin.errors import AssetError, ConfigError
 from plugin.models import AssetRef, AssetVerdict, Geometry
 
@@ -58,6 +58,8 @@ def file_sha256(path: Path) -> str:
 
 class FolderConnector:
     Config = FolderConfig
+    # write_back may run on several threads at once (the XMP writer has a process pool).
+    concurrent_write_back = True
 
     def __init__(self, config: FolderConfig, context: ConnectorContext) -> None:
         self.config = config
@@ -131,6 +133,19 @@ class FolderConnector:
         """Every photo under the root; unchanged ones are skipped by the pipeline's key."""
         refs = [ref for p in self._candidates(self.root) if (ref := self.ref_for(p))]
         return refs, cursor
+
+    def take_deleted(self, known: KnownAssets) -> list[str]:
+        """Recorded photos whose file is gone (deleted, or renamed: the new name is a new
+        asset). Nothing while the root itself is missing: an unmounted share is not a deletion."""
+        if not self.root.is_dir():
+            return []
+        ids = known.asset_ids(self.name)
+        gone = [aid for aid in ids if not os.path.lexists(self.root / aid)]
+        if gone and len(gone) == len(ids) and not any(os.scandir(self.root)):
+            log.warning("%s: the library root is empty: treated as not mounted, nothing "
+                        "forgotten", self.name)
+            return []
+        return gone
 
     def select(self, paths: list[Path]) -> list[AssetRef]:
         """Refs for the given files or folders under the root (`consentry scan PATH`)."""

@@ -18,12 +18,14 @@ create are never deleted.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -243,9 +245,24 @@ class ImmichConnector:
 
     def _save_links(self) -> None:
         self._work_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.links, sort_keys=True, indent=1), encoding="utf-8")
-        tmp.replace(self._state_file)
+        fd, tmp = tempfile.mkstemp(prefix=".links-", suffix=".tmp", dir=self._work_dir)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            json.dump(self.links, out, sort_keys=True, indent=1)
+        Path(tmp).replace(self._state_file)
+
+    @contextmanager
+    def _links_locked(self) -> Iterator[None]:
+        """Worker processes on one machine share the links file: each reads it afresh under
+        an exclusive lock and writes it back before letting go, so no worker creates a second
+        person for a subject another one linked, or overwrites the faces another recorded."""
+        self._work_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._state_file.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._links = None
+            yield
+        finally:
+            os.close(fd)
 
     # -- write-back --------------------------------------------------------------------------
     def write_back(self, ref: AssetRef, verdict: AssetVerdict, geometry: Geometry) -> AssetRef:
@@ -256,7 +273,8 @@ class ImmichConnector:
         try:
             if self.config.write_faces and self._faces_off is None:
                 try:
-                    self._write_faces(ref, verdict, geometry)
+                    with self._links_locked():
+                        self._write_faces(ref, verdict, geometry)
                 except _Forbidden as err:
                     self._faces_off = err.permission
                     log.warning("%s: the API key lacks the Immich permission %r: writing Consent "
@@ -446,7 +464,10 @@ class ImmichConnector:
         subject, hand back faces it had reassigned, and delete the Immich person it linked
         (a faceless Immich person keeps its name otherwise). Foreign faces are never deleted.
         Tags follow on the re-evaluation of the subject's assets."""
-        subject = str(subject_id)
+        with self._links_locked():
+            return self._forget(str(subject_id))
+
+    def _forget(self, subject: str) -> dict[str, int]:
         counts = {"faces_deleted": 0, "faces_returned": 0, "people_deleted": 0}
         for asset_id, records in list(self.links["faces"].items()):
             keep = []

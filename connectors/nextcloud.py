@@ -33,7 +33,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from requests.auth import HTTPBasicAuth
 
-from connectors.base import ConnectorContext, Fetched, Purpose
+from connectors.base import ConnectorContext, Fetched, KnownAssets, Purpose
 from connectors.nextcloud_api import (
     TAG_PROPS,
     DavEntry,
@@ -466,6 +466,11 @@ class NextcloudConnector:
             self.http.request("DELETE", f"{base}/{stale}", ok=(404,))
         if wanted is not None and wanted not in current:
             self.http.request("PUT", f"{base}/{wanted}", ok=(409,))
+
+    def take_deleted(self, known: KnownAssets) -> list[str]:
+        """Fileids that webhooks reported deleted or moved out of the selection (drained)."""
+        taken, self.deleted = self.deleted, []
+        return taken
 
     # -- webhooks ----------------------------------------------------------------------
     def webhook_secret(self) -> str | None:

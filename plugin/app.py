@@ -17,7 +17,7 @@ from typing import Any
 from connectors.base import ConnectorContext
 from plugin import keys, registry
 from plugin.audit import AuditLog
-from plugin.engine import DetectorSettings, DlibEngine, FaceEngine
+from plugin.engine import DlibEngine, FaceEngine, engine_from_settings
 from plugin.matcher import MatchSettings
 from plugin.pipeline import Pipeline
 from plugin.settings import Settings
@@ -31,8 +31,7 @@ log = logging.getLogger(__name__)
 
 
 def default_engine(settings: Settings) -> DlibEngine:
-    return DlibEngine(DetectorSettings(upsample=settings.engine.upsample),
-                      jitters=settings.engine.jitters)
+    return engine_from_settings(settings.engine)
 
 
 class App:
@@ -52,7 +51,7 @@ class App:
         self._stack = ExitStack()
         try:
             self.kek = keys.load_kek(key_file=settings.key_file)
-            self.vault = Vault.open(settings.vault_path, self.kek)
+            self.vault = Vault.open(settings.vault_url, self.kek)
             self._stack.callback(self.vault.close)
             self.state = StateStore(settings.state_url)
             self._stack.callback(self.state.close)

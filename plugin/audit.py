@@ -20,6 +20,15 @@ use `with log.transaction() as conn:` (which syncs the head after commit), or ca
 yourself after committing. `sync_head()` never blesses a cut: it refuses to move a head whose
 entry is no longer in the log. Heads only move forward (a file lock orders concurrent writers).
 
+Several writers (workers in several processes or on several machines): the appender takes a
+lock before it reads the last entry -- on PostgreSQL a transaction-level advisory lock, on SQLite
+the database's write lock -- and holds it to its commit, so seqs stay 1..n with no gap and no
+fork. The primary key on seq would turn any remaining race into an error, never a second chain.
+Each machine keeps its own head file; processes on one machine share it under the file lock.
+A machine's head lags by what the others appended since its last write, which `verify` accepts;
+a cut is caught by every head that saw an entry beyond the cut (the `audit verify` of the
+machine that wrote last sees them all).
+
 Privacy: entries name subjects and assets by id only. Callers pass ids, never names or face
 vectors; `details` keys such as "name" or "vector" and long lists of numbers are refused.
 """
@@ -120,8 +129,8 @@ class AuditLog:
         }
         if conn is not None:
             return self._insert(conn, fields)[0]
-        # One appender at a time in this process; across processes the primary key on seq
-        # turns a race into an error, never into a fork of the chain.
+        # One appender at a time in this process; across processes and machines `_insert`
+        # takes the database's lock (module docstring).
         with self._append_lock:
             with self._engine.begin() as own:
                 seq, mac = self._insert(own, fields)
@@ -215,6 +224,10 @@ class AuditLog:
     def _insert(self, conn: sa.Connection, fields: dict[str, Any]) -> tuple[int, str]:
         if conn.dialect.name == "postgresql":
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": _PG_LOCK_ID})
+        elif conn.dialect.name == "sqlite":
+            # A write that changes nothing takes SQLite's write lock (waiting busy_timeout for
+            # it) before the last entry is read, so a second writer cannot read the same one.
+            conn.execute(audit.update().where(sa.false()).values(seq=audit.c.seq))
         last = conn.execute(
             sa.select(audit.c.seq, audit.c.mac).order_by(audit.c.seq.desc()).limit(1)
         ).first()

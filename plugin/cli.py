@@ -286,10 +286,11 @@ def consents_expiring(
 @app.command("sweep")
 def sweep_command() -> None:
     """Apply consents that started, expired or were withdrawn since the last sweep (for cron)."""
+    from plugin.alerts import ExpiryAlerts
     from plugin.sweep import sweep
 
     with _guard(), open_app() as a:
-        result = sweep(a.pipeline)
+        result = sweep(a.pipeline, alerts=ExpiryAlerts.from_app(a))
         console.print(f"{len(result.subjects_changed)} subject(s) changed since "
                       f"{result.since.isoformat() if result.since else 'the first sweep'}; "
                       f"templates destroyed for {len(result.templates_destroyed)}")
@@ -480,9 +481,13 @@ def main() -> None:
 # Commands of the privacy-officer side live in their own modules and register on the apps
 # above when imported (keeps this module about the core workflow).
 from plugin import (  # noqa: E402, F401
+    cli_console,
     cli_erasure,
     cli_nextcloud,
+    cli_portal,
+    cli_queue,
     cli_records,
     cli_resourcespace,
     cli_review,
+    cli_service,
 )

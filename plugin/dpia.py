@@ -153,12 +153,17 @@ def _stores(facts: Facts, a: App, connectors: Sequence[Mapping[str, Any]],
         "key-encryption key (KEK)", key_where,
         "32 random bytes, base64; never used directly: HKDF-SHA256 derives one key per purpose "
         "(vault wrapping, vault check, audit MAC, verdict fingerprints)"))
+    on_server = a.vault.path is None  # store.vault_url: a PostgreSQL database or schema
     facts.stores.append(Store(
-        "face template vault", f"`{s.vault_path}` ({_mode_text(s.vault_path)}; "
-        f"{len(a.vault.subjects())} subject data key(s))",
+        "face template vault",
+        (f"`{a.vault.location}` (" if on_server
+         else f"`{s.vault_path}` ({_mode_text(s.vault_path)}; ")
+        + f"{len(a.vault.subjects())} subject data key(s))",
         "AES-256-GCM; one data key per subject, wrapped by the KEK; rows bound to subject and "
-        "row id; erasure deletes the data key and templates (crypto-shredding), secure_delete "
-        "and VACUUM leave no freed page"))
+        "row id; erasure deletes the data key and templates (crypto-shredding), "
+        + ("VACUUM FULL rewrites the tables (the server's WAL and backups keep ciphertext "
+           "until recycled)" if on_server
+           else "secure_delete and VACUUM leave no freed page")))
     state_where = f"`{redact_url(s.state_url)}`"
     state_protection = ("no face vectors; names only in table `subjects`; subjects, consents, "
                         "grants, face records (boxes), asset status, cursors, erasure records")
@@ -336,7 +341,8 @@ def _risks(facts: Facts, a: App, connectors: Sequence[Mapping[str, Any]],
                      f"({_mode_text(s.key_file)})",
                      "Anyone who reads it can decrypt the vault and forge audit entries.",
                      f"`chmod 600 {s.key_file}`."))
-        if s.key_file.parent.resolve() == s.vault_path.parent.resolve():
+        if (a.vault.path is not None
+                and s.key_file.parent.resolve() == s.vault_path.parent.resolve()):
             add(Risk("The key file sits beside the vault",
                      "A backup or copy of that folder carries both the ciphertext and the key "
                      "that opens it.",
@@ -356,6 +362,11 @@ def _risks(facts: Facts, a: App, connectors: Sequence[Mapping[str, Any]],
         add(Risk("The state database password is in the settings file",
                  "Whoever reads the settings file can open the state database.",
                  "Pass it through `CONSENTRY_STORE__STATE_URL` from a secrets manager."))
+    if "://" in s.vault_url and sa.make_url(s.vault_url).password:
+        add(Risk("The vault database password is in the settings file",
+                 "Whoever reads the settings file can read the vault's ciphertext and, with "
+                 "the key, the templates.",
+                 "Pass it through `CONSENTRY_STORE__VAULT_URL` from a secrets manager."))
     _setting_risks(facts, s)
     d = MatchingSettings()
     if s.matching.threshold > d.threshold or s.matching.margin < d.margin:

@@ -24,6 +24,7 @@ import numpy as np
 from plugin.errors import EngineError
 from plugin.imaging import DecodedImage
 from plugin.models import FaceBox
+from plugin.quality import QualitySettings
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 
 SHAPE_MODEL = "shape_predictor_5_face_landmarks.dat"
 ENCODER_MODEL = "dlib_face_recognition_resnet_model_v1.dat"
+# (top, right, bottom, left) in pixels of the decoded array, right/bottom exclusive.
+Rect = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,9 +67,29 @@ def models_dir() -> Path:
 
 @dataclass(frozen=True, slots=True)
 class DetectorSettings:
+    """How HOG looks for faces.
+
+    HOG's window is 80 px: faces smaller than that are found only on an upsampled image, and one
+    upsample costs 4x the pixels. `adaptive` pays that only where small faces are likely:
+    - a small image (<= `direct_pixels`) gets the upsampled pass directly (it is cheap there);
+    - a larger one gets a plain pass first; when that pass finds no face, or a face narrower than
+      `small_face` px (small faces come in crowds), a second, upsampled pass follows: on the
+      regions around the small faces (`second_area = "regions"`), else on the whole image.
+    """
+
     upsample: int = 1
     # HOG score below which a detection is dropped; dlib's own default is 0.
     min_score: float = 0.0
+    adaptive: bool = True
+    direct_pixels: int = 500_000
+    small_face: int = 120
+    second_area: str = "regions"
+
+    def describe(self) -> str:
+        if not self.adaptive or self.upsample == 0:
+            return f"hog-up{self.upsample}"
+        return (f"hog-a{self.upsample}-{self.direct_pixels}-{self.small_face}"
+                f"-{self.second_area[0]}")
 
 
 class DlibEngine:
@@ -75,10 +98,15 @@ class DlibEngine:
     One instance is safe to use from one thread at a time; a lock guards the lazy load.
     """
 
-    def __init__(self, settings: DetectorSettings | None = None, *, jitters: int = 1) -> None:
+    def __init__(self, settings: DetectorSettings | None = None, *, jitters: int = 1,
+                 quality: QualitySettings | None = QualitySettings()) -> None:  # noqa: B008
         self.settings = settings or DetectorSettings()
         self.jitters = jitters
+        # Gates applied before encoding (plugin/quality.py); None: every face is encoded.
+        self.quality = quality
         self.detector_calls = 0
+        # Detector runs: one per call, two when the adaptive second pass runs.
+        self.detector_passes = 0
         self._lock = threading.Lock()
         self._models: tuple[Any, Any, Any] | None = None
 
@@ -87,7 +115,8 @@ class DlibEngine:
         import dlib
 
         s = self.settings
-        return f"dlib-{dlib.__version__}/hog-up{s.upsample}/sp5/resnet-v1/j{self.jitters}"
+        gates = f"/{self.quality.describe()}" if self.quality else ""
+        return f"dlib-{dlib.__version__}/{s.describe()}{gates}/sp5/resnet-v1/j{self.jitters}"
 
     def _load(self) -> tuple[Any, Any, Any]:
         with self._lock:
@@ -117,15 +146,16 @@ class DlibEngine:
     def detect(self, image: DecodedImage) -> list[Detection]:
         detector, _, _ = self._load()
         self.detector_calls += 1
-        rects, scores, _ = detector.run(image.pixels, self.settings.upsample, 0.0)
-        height, width = image.pixels.shape[:2]
+        pixels = image.pixels
+        rects = self._passes(detector, pixels)
+        height, width = pixels.shape[:2]
         disp_w, disp_h = image.displayed_size
         found = []
-        for rect, score in zip(rects, scores, strict=True):
+        for (top, right, bottom, left), score in rects:
             if score < self.settings.min_score:
                 continue
-            top, right = max(0, rect.top()), min(width, rect.right() + 1)
-            bottom, left = min(height, rect.bottom() + 1), max(0, rect.left())
+            top, right = max(0, top), min(width, right)
+            bottom, left = min(height, bottom), max(0, left)
             if right <= left or bottom <= top:
                 continue
             s = image.scale
@@ -137,6 +167,31 @@ class DlibEngine:
             )
             found.append(Detection(rect=(top, right, bottom, left), box=box, score=float(score)))
         return found
+
+    def _run(self, detector: Any, pixels: np.ndarray, upsample: int,
+             offset: tuple[int, int] = (0, 0)) -> list[tuple[Rect, float]]:
+        self.detector_passes += 1
+        rects, scores, _ = detector.run(pixels, upsample, 0.0)
+        dy, dx = offset
+        return [((r.top() + dy, r.right() + 1 + dx, r.bottom() + 1 + dy, r.left() + dx),
+                 float(sc)) for r, sc in zip(rects, scores, strict=True)]
+
+    def _passes(self, detector: Any, pixels: np.ndarray) -> list[tuple[Rect, float]]:
+        s = self.settings
+        height, width = pixels.shape[:2]
+        if not s.adaptive or s.upsample == 0 or height * width <= s.direct_pixels:
+            return self._run(detector, pixels, s.upsample)
+        first = self._run(detector, pixels, 0)
+        small = [r for r, _ in first if min(r[1] - r[3], r[2] - r[0]) < s.small_face]
+        if first and not small:
+            return first
+        if not first or s.second_area == "whole":
+            return self._run(detector, pixels, s.upsample)
+        found = list(first)
+        for top, right, bottom, left in small_face_regions(small, height, width):
+            crop = np.ascontiguousarray(pixels[top:bottom, left:right])
+            found += self._run(detector, crop, s.upsample, offset=(top, left))
+        return dedupe(found)
 
     def encode(self, image: DecodedImage, faces: Sequence[Detection]) -> np.ndarray:
         import dlib
@@ -150,3 +205,64 @@ class DlibEngine:
             shapes.append(predictor(image.pixels, dlib.rectangle(left, top, right - 1, bottom - 1)))
         vectors = encoder.compute_face_descriptor(image.pixels, shapes, self.jitters)
         return np.asarray([np.asarray(v) for v in vectors], dtype=np.float32)
+
+
+def small_face_regions(faces: Sequence[Rect], height: int, width: int, *,
+                       reach: float = 3.0) -> list[Rect]:
+    """Areas worth an upsampled look: around each small face, `reach` face sizes each way.
+
+    People in one crowd are at about the same distance, so the faces HOG missed (smaller than
+    its window) sit beside and around the small ones it found. Overlapping areas are merged
+    so no pixel is searched twice.
+    """
+    boxes = []
+    for top, right, bottom, left in faces:
+        size = max(right - left, bottom - top)
+        pad = round(reach * size)
+        boxes.append([max(0, top - pad), min(width, right + pad),
+                      min(height, bottom + pad), max(0, left - pad)])
+    merged: list[list[int]] = []
+    for box in sorted(boxes, key=lambda b: (b[0], b[3])):
+        for m in merged:
+            if box[0] < m[2] and box[3] < m[1] and m[0] < box[2] and m[3] < box[1]:
+                m[0], m[1] = min(m[0], box[0]), max(m[1], box[1])
+                m[2], m[3] = max(m[2], box[2]), min(m[3], box[3])
+                break
+        else:
+            merged.append(box)
+    return [(t, r, b, lf) for t, r, b, lf in merged]
+
+
+def _iou(a: Rect, b: Rect) -> float:
+    ih = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iw = max(0, min(a[1], b[1]) - max(a[3], b[3]))
+    inter = ih * iw
+    union = (a[2] - a[0]) * (a[1] - a[3]) + (b[2] - b[0]) * (b[1] - b[3]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def dedupe(found: Sequence[tuple[Rect, float]], *, overlap: float = 0.3
+           ) -> list[tuple[Rect, float]]:
+    """One detection per face when passes overlap: the best-scoring one wins."""
+    kept: list[tuple[Rect, float]] = []
+    for rect, score in sorted(found, key=lambda f: -f[1]):
+        if all(_iou(rect, k) < overlap for k, _ in kept):
+            kept.append((rect, score))
+    return kept
+
+
+def engine_from_settings(engine: Any) -> DlibEngine:
+    """The engine the `[engine]` settings section describes (plugin.settings.EngineSettings).
+
+    All three quality gates at 0 (or below) turn the gates off: every face is encoded.
+    """
+    gates = QualitySettings(min_face_px=engine.min_face_px, min_score=engine.min_detector_score,
+                            min_sharpness=engine.min_sharpness)
+    off = gates.min_face_px <= 0 and gates.min_score <= 0 and gates.min_sharpness <= 0
+    return DlibEngine(
+        DetectorSettings(upsample=engine.upsample, adaptive=engine.adaptive_upsample,
+                         direct_pixels=engine.direct_upsample_pixels,
+                         small_face=engine.small_face_px, second_area=engine.second_pass_area),
+        jitters=engine.jitters,
+        quality=None if off else gates,
+    )

@@ -499,7 +499,8 @@ def _inspect(reader: _Reader, app: App, connector: LocalFiles, ref: AssetRef, *,
 
 
 def _destroy_templates(app: App, receipt: Receipt) -> None:
-    destroyed = app.vault.erase(receipt.subject_id)
+    # Erasure also shreds the subject's documents (signed quitclaims): they hold the name.
+    destroyed = app.vault.erase(receipt.subject_id, documents=True)
     with app.state.begin() as conn:
         # A rerun after the vault commit finds nothing left: keep the first count.
         _advance(conn, receipt, Stage.TEMPLATES_DESTROYED,
@@ -566,9 +567,21 @@ def _delete_records(app: App, receipt: Receipt) -> None:
     with app.state.begin() as conn:
         consents = conn.execute(sa.select(sa.func.count()).select_from(t.consents)
                                 .where(t.consents.c.subject_id == str(sid))).scalar_one()
+        _delete_portal_records(conn, sid)
         app.state.delete_subject(sid, conn)
         _advance(conn, receipt, Stage.RECORDS_DELETED,
                  consents_deleted=max(consents, receipt.consents_deleted))
+
+
+def _delete_portal_records(conn: sa.Connection, sid: uuid.UUID) -> None:
+    """Invitations and expiry-alert marks hold ids only, but they still say that this person
+    was asked and when: erasure leaves no such trace (an old link then reads as unknown)."""
+    from plugin.alerts import expiry_alerts
+    from plugin.invitations import invitations
+
+    consent_ids = sa.select(t.consents.c.id).where(t.consents.c.subject_id == str(sid))
+    conn.execute(expiry_alerts.delete().where(expiry_alerts.c.consent_id.in_(consent_ids)))
+    conn.execute(invitations.delete().where(invitations.c.subject_id == str(sid)))
 
 
 def _compact(app: App, receipt: Receipt) -> None:

@@ -8,20 +8,24 @@ Re-evaluation (consent changes) reuses the stored face records: no download, no 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
+import os
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
 from connectors.base import Connector, Fetched
+from plugin import crashpoints
 from plugin.audit import AuditLog
 from plugin.consent import POLICY_VERSION, asset_verdict, has_active_biometric
 from plugin.engine import FaceEngine
@@ -32,6 +36,7 @@ from plugin.errors import (
     ConsentryError,
     UnavailableError,
 )
+from plugin.forget import forget_reported
 from plugin.matcher import Matcher, MatchSettings
 from plugin.models import (
     AssetRef,
@@ -62,6 +67,9 @@ class AssetResult:
     outcome: Outcome
     reason: str = ""
     status: str | None = None
+    # seconds per stage of a processed asset: fetch, analyse (detect+encode+match), write
+    # (platform write + state commit); the job ledger keeps them for latency metrics
+    timings: Mapping[str, float] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +79,7 @@ class Pending:
     row: AssetRow | None
     fetched: Fetched
     future: Future[RawAnalysis] | None
+    fetch_seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +136,8 @@ class Pipeline:
         self.clock = clock
         self.raise_errors = raise_errors
         self.pool = pool
+        # Platform writes in parallel when re-labelling (see `reevaluate`).
+        self.write_threads = min(4, os.cpu_count() or 1)
 
     # -- keys --------------------------------------------------------------------------
     def processing_key(self, ref: AssetRef) -> str:
@@ -166,6 +177,7 @@ class Pipeline:
         new_cursor = cursor
         if refs is None:
             listed, new_cursor = connector.changes(cursor)
+            forget_reported(self.state, self.audit, connector, connector_name)
             refs = listed + self._failed_before(connector_name, listed, new_cursor)
         now = self.clock()
         matcher = self.build_matcher(now)
@@ -196,7 +208,8 @@ class Pipeline:
             first, pending = window.popleft()
             done(self._guarded(first, lambda r=first, p=pending: self._complete(
                 connector, r, p, **context)))
-        self.state.set_cursor(connector_name, new_cursor)
+        if new_cursor != cursor:  # a job of given refs (service mode) leaves the cursor alone
+            self.state.set_cursor(connector_name, new_cursor)
         return results
 
     def _failed_before(self, connector_name: str, listed: Sequence[AssetRef],
@@ -241,17 +254,21 @@ class Pipeline:
         row = self.state.asset(ref.connector, ref.id)
         if row and row.processing_key == self.processing_key(ref) and not row.needs_analysis:
             return AssetResult(ref, Outcome.SKIPPED, "unchanged", row.status)
+        started = time.perf_counter()
         fetched = connector.fetch(ref, "analysis")
+        fetch_seconds = time.perf_counter() - started
+        crashpoints.hit("fetch")
         future = (self.pool.submit(fetched.path, asset=ref.name,
                                    decode_options=self.decode_options)
                   if self.pool else None)
-        return Pending(row, fetched, future)
+        return Pending(row, fetched, future, fetch_seconds)
 
     def _complete(self, connector: Connector, ref: AssetRef, pending: Pending, *,
                   matcher: Matcher, subjects: Mapping[uuid.UUID, Subject],
                   consents: Mapping[uuid.UUID, Sequence[Consent]],
                   now: datetime) -> AssetResult:
         row, fetched = pending.row, pending.fetched
+        started = time.perf_counter()
         raw = (pending.future.result() if pending.future is not None else
                detect_and_encode(self.engine, fetched.path, asset=ref.name,
                                  decode_options=self.decode_options))
@@ -259,8 +276,11 @@ class Pipeline:
         old_faces = self.state.faces(ref.connector, ref.id) if row else []
         faces = carry_decisions(analysis.faces, old_faces)
         verdict = asset_verdict(faces, subjects, consents, now, channels=self.channels)
+        crashpoints.hit("detect")
+        analysed = time.perf_counter()
         written = self._write(connector, ref, verdict, analysis.geometry,
                               previous=row.verdict_fingerprint if row else None)
+        crashpoints.hit("write")
         with self.state.begin() as conn:
             self.state.save_analysis(written, geometry=analysis.geometry, faces=faces,
                                      processing_key=self.processing_key(written), conn=conn)
@@ -270,12 +290,14 @@ class Pipeline:
             self.audit.append("asset.analysed", asset=f"{ref.connector}:{ref.id}",
                               details=_audit_details(verdict, faces), conn=conn)
         self.audit.sync_head()
-        return AssetResult(written, Outcome.PROCESSED, "", verdict.status.value)
+        timings = {"fetch": pending.fetch_seconds, "analyse": analysed - started,
+                   "write": time.perf_counter() - analysed}
+        return AssetResult(written, Outcome.PROCESSED, "", verdict.status.value, timings)
 
     def _analyse(self, raw: RawAnalysis, fetched: Fetched, matcher: Matcher) -> Analysis:
         """Match the encodings and map the boxes onto the original; drop the vectors."""
         detections = raw.detections
-        matches = matcher.match(raw.vectors) if len(detections) else []
+        matches = raw.matches(matcher)  # quality-gated faces: UNCERTAIN, never named
         geometry = fetched.original or raw.geometry
         to_original = _preview_scale(raw.geometry, geometry)
         faces = tuple(
@@ -315,40 +337,105 @@ class Pipeline:
         on_result: Callable[[AssetResult], None] | None = None,
         reason: str = "reevaluate",
     ) -> list[AssetResult]:
-        """Recompute verdicts from stored face records and rewrite what changed."""
+        """Recompute verdicts from stored face records and rewrite what changed.
+
+        A consent change can touch thousands of photos, and a platform write (exiftool: ~8 ms
+        of one core per file) is the cost: connectors that allow it (`concurrent_write_back`)
+        get their writes on `write_threads` threads (the XMP writer has one exiftool process
+        per core), while this thread computes verdicts and records the results, up to
+        `_RELABEL_GROUP` assets per transaction with one audit head sync per group. A crash in
+        between loses only the records of files already written: the next run finds their
+        verdict fingerprint stale, plans the same XMP, and the writer leaves the file alone.
+        """
         now = self.clock()
         subjects, consents = self._context()
-        rows = self.state.assets(subject_ids=subject_ids, keys=assets)
-        results = []
-        for row in rows:
-            if row.geometry is None or row.connector not in self.connectors:
-                continue
-            result = self._guarded(row.ref, lambda r=row: self._relabel(
-                r, subjects=subjects, consents=consents, now=now, reason=reason))
+        rows = [r for r in self.state.assets(subject_ids=subject_ids, keys=assets)
+                if r.geometry is not None and r.connector in self.connectors]
+        results: list[AssetResult] = []
+        written_group: list[tuple[AssetRow, AssetVerdict, str, AssetResult]] = []
+
+        def report(result: AssetResult) -> None:
             results.append(result)
             if on_result:
                 on_result(result)
+
+        def flush() -> None:
+            if not written_group:
+                return
+            with self.state.begin() as conn:
+                for row, verdict, fingerprint, done in written_group:
+                    self._record_relabel(row, verdict, fingerprint, done.ref, reason, conn)
+            self.audit.sync_head()
+            group = list(written_group)
+            written_group.clear()
+            for *_, done in group:
+                report(done)
+
+        def finish(row: AssetRow, verdict: AssetVerdict, fingerprint: str,
+                   write: Callable[[], AssetRef]) -> None:
+            result = self._guarded(row.ref, lambda: AssetResult(
+                write(), Outcome.PROCESSED, reason, verdict.status.value))
+            if result.outcome != Outcome.PROCESSED:
+                report(result)
+                return
+            written_group.append((row, verdict, fingerprint, result))
+            if len(written_group) >= _RELABEL_GROUP:
+                flush()
+
+        threads = max(1, self.write_threads)
+        window: deque[tuple[AssetRow, AssetVerdict, str, Future[AssetRef]]] = deque()
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="relabel") as pool:
+            try:
+                for row in rows:
+                    planned = self._guarded(row.ref, lambda r=row: self._plan_relabel(
+                        r, subjects=subjects, consents=consents, now=now))
+                    if isinstance(planned, AssetResult):
+                        report(planned)
+                        continue
+                    verdict, fingerprint = planned
+                    connector = self.connectors[row.connector]
+                    if not getattr(connector, "concurrent_write_back", False):
+                        finish(row, verdict, fingerprint, lambda c=connector, r=row, v=verdict:
+                               c.write_back(r.ref, v, r.geometry))
+                        continue
+                    window.append((row, verdict, fingerprint, pool.submit(
+                        connector.write_back, row.ref, verdict, row.geometry)))
+                    while len(window) > 2 * threads:
+                        r, v, f, fut = window.popleft()
+                        finish(r, v, f, fut.result)
+                while window:
+                    r, v, f, fut = window.popleft()
+                    finish(r, v, f, fut.result)
+                flush()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    flush()  # record the files already written before stopping
+                raise
         return results
 
-    def _relabel(self, row, *, subjects, consents, now, reason: str) -> AssetResult:
+    def _plan_relabel(self, row: AssetRow, *, subjects, consents, now
+                      ) -> AssetResult | tuple[AssetVerdict, str]:
         faces = self.state.faces(row.connector, row.asset_id)
         verdict = asset_verdict(faces, subjects, consents, now, channels=self.channels)
         fingerprint = self.verdict_fingerprint(verdict)
         if fingerprint == row.verdict_fingerprint:
             return AssetResult(row.ref, Outcome.SKIPPED, "verdict unchanged", verdict.status)
-        connector = self.connectors[row.connector]
-        written = connector.write_back(row.ref, verdict, row.geometry)
-        with self.state.begin() as conn:
-            # Our own write is not a change: the processing key follows the new version.
-            self.state.save_written(written, status=verdict.status.value,
-                                    verdict_fingerprint=fingerprint, conn=conn,
-                                    processing_key=self.processing_key(written)
-                                    if row.processing_key else None)
-            self.audit.append("asset.relabelled", asset=f"{row.connector}:{row.asset_id}",
-                              details={"reason": reason, "status": verdict.status.value,
-                                       "previous_status": row.status}, conn=conn)
-        self.audit.sync_head()
-        return AssetResult(written, Outcome.PROCESSED, reason, verdict.status.value)
+        return verdict, fingerprint
+
+    def _record_relabel(self, row: AssetRow, verdict: AssetVerdict, fingerprint: str,
+                        written: AssetRef, reason: str, conn: Any) -> None:
+        # Our own write is not a change: the processing key follows the new version.
+        self.state.save_written(written, status=verdict.status.value,
+                                verdict_fingerprint=fingerprint, conn=conn,
+                                processing_key=self.processing_key(written)
+                                if row.processing_key else None)
+        self.audit.append("asset.relabelled", asset=f"{row.connector}:{row.asset_id}",
+                          details={"reason": reason, "status": verdict.status.value,
+                                   "previous_status": row.status}, conn=conn)
+
+
+# Re-labelled assets recorded per state transaction (one audit head sync each).
+_RELABEL_GROUP = 64
 
 
 def _preview_scale(preview: Geometry, original: Geometry) -> Callable[[FaceBox], FaceBox]:

@@ -81,9 +81,14 @@ def initialise(config: Path, *, photos: Path | None = None,
         keys.generate_key_file(settings.key_file)
         created.append(settings.key_file)
     kek = keys.load_kek(key_file=settings.key_file)
-    if not settings.vault_path.exists():
-        Vault.open(settings.vault_path, kek, create=True).close()
-        created.append(settings.vault_path)
+    vault_file = (Path(settings.vault_url.removeprefix("sqlite:///"))
+                  if settings.vault_url.startswith("sqlite:///") else None)
+    if vault_file is None:
+        # A vault on a database server: made if missing; an existing one must open with the key.
+        Vault.open(settings.vault_url, kek, create=True).close()
+    elif not vault_file.exists():
+        Vault.open(vault_file, kek, create=True).close()
+        created.append(vault_file)
     StateStore(settings.state_url).close()
     return created
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -39,6 +40,8 @@ from plugin.models import (
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+_PG_MIGRATION_LOCK = int.from_bytes(b"cnsntry\x03", "big")  # audit uses ...\x01, vault ...\x02
+_ALEMBIC_LOCK = threading.Lock()
 
 
 def now_utc() -> datetime:
@@ -94,7 +97,10 @@ class StateStore:
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
         if self.is_sqlite:
             _prepare_sqlite_file(parsed)
-        self.engine = sa.create_engine(parsed, future=True)
+        # Where, for messages: the URL without its password.
+        self.location = parsed.render_as_string(hide_password=True)
+        # pre_ping: a long-running worker survives a database server restart.
+        self.engine = sa.create_engine(parsed, future=True, pool_pre_ping=not self.is_sqlite)
         if self.is_sqlite:
             sa.event.listen(self.engine, "connect", self._sqlite_pragmas)
         self._migrate()
@@ -112,10 +118,19 @@ class StateStore:
         cfg.set_main_option("script_location", str(MIGRATIONS))
         try:
             with self.engine.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    # Workers starting together: one migrates, the others wait and find it done
+                    # (PostgreSQL's DDL is transactional).
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"),
+                                 {"id": _PG_MIGRATION_LOCK})
                 cfg.attributes["connection"] = conn
-                command.upgrade(cfg, "head")
+                with _ALEMBIC_LOCK:  # alembic's context is module-global: one thread at a time
+                    command.upgrade(cfg, "head")
         except sa.exc.SQLAlchemyError as err:
-            raise StateError(f"cannot open or migrate the state database: {err}") from err
+            cause = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+            raise StateError(
+                f"cannot open or migrate the state database {self.location}: {cause}"
+            ) from err
 
     def close(self) -> None:
         self.engine.dispose()
@@ -352,6 +367,19 @@ class StateStore:
         conn.execute(t.faces.update().where(
             t.faces.c.connector == ref.connector, t.faces.c.asset_id == ref.id,
         ).values(region_written=True))
+
+    def asset_ids(self, connector: str) -> list[str]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(sa.select(t.assets.c.asset_id)
+                                     .where(t.assets.c.connector == connector)).scalars())
+
+    def delete_asset(self, connector: str, asset_id: str, conn: sa.Connection) -> bool:
+        """Drop an asset and its face records (the platform deleted it); True if it was known."""
+        conn.execute(t.faces.delete().where(t.faces.c.connector == connector,
+                                            t.faces.c.asset_id == asset_id))
+        gone = conn.execute(t.assets.delete().where(t.assets.c.connector == connector,
+                                                    t.assets.c.asset_id == asset_id))
+        return gone.rowcount > 0
 
     def record_failure(self, ref: AssetRef, error: str) -> None:
         with self.begin() as conn:

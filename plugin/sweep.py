@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
@@ -22,6 +23,9 @@ from plugin.consent import has_active_biometric
 from plugin.models import Consent, FaceState, Grant
 from plugin.pipeline import AssetResult, Pipeline
 from plugin.state import StateStore
+
+if TYPE_CHECKING:
+    from plugin.alerts import ExpiryAlerts
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,7 @@ class SweepResult:
     subjects_changed: tuple[uuid.UUID, ...]
     templates_destroyed: tuple[uuid.UUID, ...]
     results: tuple[AssetResult, ...]
+    alerts_sent: int = 0
 
 
 def changed_subjects(consents: dict[uuid.UUID, list[Consent]], since: datetime | None,
@@ -48,7 +53,8 @@ def changed_subjects(consents: dict[uuid.UUID, list[Consent]], since: datetime |
     return changed
 
 
-def sweep(pipeline: Pipeline) -> SweepResult:
+def sweep(pipeline: Pipeline, *, alerts: ExpiryAlerts | None = None) -> SweepResult:
+    """`alerts` (plugin/alerts.py): report consents expiring soon, once each, to the admin."""
     state, vault, audit = pipeline.state, pipeline.vault, pipeline.audit
     now = pipeline.clock()
     raw = state.get_meta(LAST_SWEEP)
@@ -70,7 +76,8 @@ def sweep(pipeline: Pipeline) -> SweepResult:
         "templates_destroyed": len(destroyed),
         "assets_relabelled": sum(1 for r in results if r.outcome == "processed"),
     })
-    return SweepResult(since, now, tuple(changed), tuple(destroyed), tuple(results))
+    sent = len(alerts.run(now).new) if alerts is not None else 0
+    return SweepResult(since, now, tuple(changed), tuple(destroyed), tuple(results), sent)
 
 
 @dataclass(frozen=True, slots=True)

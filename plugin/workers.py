@@ -18,33 +18,59 @@ import numpy as np
 
 from plugin.engine import Detection, DetectorSettings, DlibEngine, FaceEngine
 from plugin.imaging import decode
-from plugin.models import Geometry
+from plugin.matcher import Match, Matcher
+from plugin.models import FaceState, Geometry
+from plugin.quality import QualitySettings, gate_all
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class RawAnalysis:
-    """What the face library found on the decoded image (displayed grid of the fetched file)."""
+    """What the face library found on the decoded image (displayed grid of the fetched file).
+
+    `gates[i]` is None when detection i passed the quality gates, else why it did not;
+    `vectors` holds one row per passing detection, in order (gated faces are never encoded).
+    """
 
     geometry: Geometry
     detections: list[Detection]
     vectors: np.ndarray
+    gates: tuple[str | None, ...] = ()
+    detector_passes: int = 1
+
+    def matches(self, matcher: Matcher) -> list[Match]:
+        """One match per detection: gated faces are UNCERTAIN with no candidate (review)."""
+        gates = self.gates or tuple(None for _ in self.detections)
+        found = iter(matcher.match(self.vectors) if len(self.vectors) else [])
+        return [next(found) if why is None else Match(FaceState.UNCERTAIN, None, None)
+                for why in gates]
+
+
+# Gates for engines that do not carry their own (`DlibEngine.quality`).
+DEFAULT_QUALITY: QualitySettings | None = QualitySettings()
 
 
 def detect_and_encode(engine: FaceEngine, path: Path, *, asset: str,
                       decode_options: dict[str, Any]) -> RawAnalysis:
     image = decode(path, asset=asset, **decode_options)
+    passes = getattr(engine, "detector_passes", 0)
     detections = engine.detect(image)
-    return RawAnalysis(image.geometry, detections, engine.encode(image, detections))
+    gates = gate_all(image.pixels, detections, getattr(engine, "quality", DEFAULT_QUALITY))
+    passing = [d for d, why in zip(detections, gates, strict=True) if why is None]
+    if len(passing) < len(detections):
+        log.debug("%s: %d face(s) to review without encoding: %s", asset,
+                  len(detections) - len(passing), [g for g in gates if g])
+    return RawAnalysis(image.geometry, detections, engine.encode(image, passing), gates,
+                       max(1, getattr(engine, "detector_passes", 1) - passes))
 
 
 _ENGINE: DlibEngine | None = None
 
 
-def _start(settings: DetectorSettings, jitters: int) -> None:
+def _start(settings: DetectorSettings, jitters: int, quality: QualitySettings | None) -> None:
     global _ENGINE
-    _ENGINE = DlibEngine(settings, jitters=jitters)
+    _ENGINE = DlibEngine(settings, jitters=jitters, quality=quality)
     _ENGINE.load()
 
 
@@ -65,12 +91,22 @@ class AnalysisPool:
             max_workers=workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_start,
-            initargs=(engine.settings, engine.jitters),
+            initargs=(engine.settings, engine.jitters, engine.quality),
         )
+        # Counted here, as the workers' engines are out of reach (benchmarks read them).
+        self.detector_calls = 0
+        self.detector_passes = 0
 
     def submit(self, path: Path, *, asset: str, decode_options: dict[str, Any]
                ) -> Future[RawAnalysis]:
-        return self._executor.submit(_work, path, asset, decode_options)
+        future = self._executor.submit(_work, path, asset, decode_options)
+        future.add_done_callback(self._count)
+        return future
+
+    def _count(self, future: Future[RawAnalysis]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self.detector_calls += 1
+            self.detector_passes += future.result().detector_passes
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -64,11 +64,13 @@ import filecmp
 import json
 import logging
 import os
+import queue
 import secrets
 import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -564,23 +566,37 @@ def _import_json(desired: Raw) -> list[dict[str, Any]]:
 
 # -- the writer -----------------------------------------------------------------------------
 class XmpWriter:
-    """Reads and writes Consentry's XMP through one stay-open exiftool process.
+    """Reads and writes Consentry's XMP through stay-open exiftool processes.
 
-    Calls are serialised, so threads may share one writer. Use it as a context manager, or
-    call `close()` to stop exiftool.
+    Threads may share one writer: each exiftool call takes a free process from a small pool
+    (`processes`, default one per core, started on first use), so re-labelling writes files on
+    every core (exiftool is ~8 ms of Perl per file; one process is one core). A single thread
+    keeps reusing the same process. Use it as a context manager, or call `close()`.
     """
 
     def __init__(
-        self, *, config_file: Path = DEFAULT_CONFIG, names_as_keywords: bool = False
+        self, *, config_file: Path = DEFAULT_CONFIG, names_as_keywords: bool = False,
+        processes: int | None = None,
     ) -> None:
         if not config_file.is_file():
             raise ConfigError("exiftool namespace config not found", file=str(config_file))
         self.names_as_keywords = names_as_keywords
+        self.processes = max(1, processes or min(4, os.cpu_count() or 1))
         self._lock = threading.Lock()
+        # pyexiftool asks Linux to kill exiftool when the *thread* that started it ends
+        # (PR_SET_PDEATHSIG): processes are started on this long-lived thread, never on a
+        # short-lived worker thread.
+        self._starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exiftool")
+        # LIFO: one thread always gets the same (running) process back.
+        self._free: queue.LifoQueue[exiftool.ExifToolHelper] = queue.LifoQueue()
+        self._all: list[exiftool.ExifToolHelper] = []
         try:
-            self._et = exiftool.ExifToolHelper(
-                config_file=config_file, common_args=["-G1"], encoding="utf-8"
-            )
+            for _ in range(self.processes):
+                et = exiftool.ExifToolHelper(
+                    config_file=config_file, common_args=["-G1"], encoding="utf-8"
+                )
+                self._all.append(et)
+                self._free.put(et)
         except (OSError, ExifToolException) as err:
             raise ConfigError(f"cannot start exiftool: {err}") from err
 
@@ -597,8 +613,10 @@ class XmpWriter:
 
     def close(self) -> None:
         with self._lock:
-            if self._et.running:
-                self._et.terminate()
+            for et in self._all:
+                if et.running:
+                    et.terminate()
+        self._starter.shutdown(wait=True)
 
     def read(self, path: Path) -> XmpState:
         """What Consentry cares about in `path` (an image or a sidecar), as stored there."""
@@ -671,16 +689,18 @@ class XmpWriter:
 
     # -- exiftool -------------------------------------------------------------------------
     def _run(self, asset: Path, *args: str) -> str:
-        with self._lock:
-            try:
-                if not self._et.running:
-                    self._et.run()
-                return self._et.execute(*args)
-            except ExifToolExecuteError as err:
-                message = " ".join(str(err.stderr or "").split()) or f"exit status {err.returncode}"
-                raise MetadataError(str(asset), f"exiftool: {message}") from err
-            except (ExifToolException, OSError) as err:
-                raise MetadataError(str(asset), f"exiftool failed: {err}") from err
+        et = self._free.get()
+        try:
+            if not et.running:
+                self._starter.submit(et.run).result()
+            return et.execute(*args)
+        except ExifToolExecuteError as err:
+            message = " ".join(str(err.stderr or "").split()) or f"exit status {err.returncode}"
+            raise MetadataError(str(asset), f"exiftool: {message}") from err
+        except (ExifToolException, OSError) as err:
+            raise MetadataError(str(asset), f"exiftool failed: {err}") from err
+        finally:
+            self._free.put(et)
 
     def _fetch(self, path: Path, *, asset: Path | None = None) -> Raw:
         asset = asset or path

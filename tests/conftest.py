@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from plugin.demo import TESTDATA_ENV, testdata_dir
+from tests.services import postgres_url, redis_url  # noqa: F401  (PostgreSQL/Redis fixtures)
 
 
 @pytest.fixture(autouse=True)

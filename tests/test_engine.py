@@ -56,3 +56,44 @@ def test_engine_loads_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.startswith("loaded dlib-")
+
+
+def test_detection_runs_on_a_reduced_scale_decode_of_a_large_jpeg(engine, demo_data, manifest,
+                                                                     tmp_path, monkeypatch):
+    # A 12 MP JPEG: libjpeg's DCT scaling (Pillow draft) must deliver it already reduced, and
+    # the engine must see at most max_side pixels; boxes still land on the full-size grid.
+    from PIL import Image, JpegImagePlugin
+
+    photo = next(p for p in manifest["photos"] if p["path"].endswith("IMG_2043.jpg"))
+    big = tmp_path / "big.jpg"
+    with Image.open(demo_data / photo["path"]) as img:
+        img.resize((img.width * 3, img.height * 3)).save(big, quality=90)
+    drafts = []
+    real_draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        result = real_draft(self, mode, size)
+        drafts.append(self.size)
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    image = decode(big, max_side=1600)
+    assert drafts and max(drafts[0]) < 4440 / 1.9  # decoded at 1/2 scale or less
+    assert max(image.pixels.shape[:2]) == 1600
+    [face] = engine.detect(image)
+    truth = [v * 3 for v in photo["faces"][0]["box"]]
+    assert iou(face.box.as_css(), truth) >= 0.5
+
+
+def test_engine_settings_reach_the_engine():
+    from plugin.engine import engine_from_settings
+    from plugin.settings import EngineSettings
+
+    e = engine_from_settings(EngineSettings(adaptive_upsample=False, min_face_px=20))
+    assert not e.settings.adaptive and e.quality.min_face_px == 20
+    assert "hog-up1/" in e.version
+    adaptive = engine_from_settings(EngineSettings())
+    assert adaptive.settings.adaptive and adaptive.version != e.version
+    off = engine_from_settings(EngineSettings(min_face_px=0, min_detector_score=0,
+                                              min_sharpness=0))
+    assert off.quality is None and "/q" not in off.version

@@ -104,6 +104,11 @@ def demo_out(tmp_path_factory, demo_data, engine, monkeypatch_module):
                       encoding="utf-8")
     set_threshold(config, 0.30)
     monkeypatch_module.setattr("plugin.app.default_engine", lambda settings: engine)
+    # These tests need strangers the matcher finds close to Megawati, and on the demo those are
+    # all faces of 37 px or weak detections that the quality gates send to review unencoded
+    # (tests/test_quality.py): the gates are off for this module.
+    monkeypatch_module.setattr(engine, "quality", None)
+    monkeypatch_module.setattr("plugin.workers.DEFAULT_QUALITY", None)
     console = Console(file=io.StringIO(), width=200)
     assert run_demo(out=out, photos=demo_data, console=console) == 0, console.file.getvalue()
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import os
 import sqlite3
@@ -17,7 +18,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from plugin.errors import KeyMaterialError, VaultError
 from plugin.keys import KEY_ENV, derive_key, generate_key_file, load_kek
-from plugin.vault import WRAP_PURPOSE, Vault, template_aad
+from plugin.vault import WRAP_PURPOSE, DocumentNotFoundError, Vault, template_aad
 
 
 def mode(path: Path) -> int:
@@ -333,3 +334,157 @@ def test_erase_unknown_subject_is_a_no_op(vault_path: Path, kek: bytes) -> None:
         vault.add_templates(uuid.uuid4(), vectors(1, 12))
         assert vault.erase(uuid.uuid4()) == 0
         assert len(vault.subjects()) == 1
+
+
+# -- documents (signed quitclaims) ---------------------------------------------------------
+
+PDF = b"%PDF-1.7\n" + bytes(range(256)) * 40 + b"\n%%EOF\n"
+
+
+def test_documents_roundtrip(vault_path: Path, kek: bytes) -> None:
+    alice, bob = uuid.uuid4(), uuid.uuid4()
+    with Vault.open(vault_path, kek, create=True) as vault:
+        first = vault.put_document(alice, PDF, media_type="application/pdf",
+                                   filename="Quitclaim Alice Ángel.pdf")
+        second = vault.put_document(alice, b"scan", media_type="image/jpeg", filename="a.jpg")
+        vault.put_document(bob, b"other", media_type="text/plain", filename="b.txt")
+    with Vault.open(vault_path, kek) as vault:
+        assert vault.document(alice, first) == (PDF, "application/pdf",
+                                                "Quitclaim Alice Ángel.pdf")
+        assert vault.document(alice, second) == (b"scan", "image/jpeg", "a.jpg")
+        listed = vault.documents(alice)
+        assert [d["id"] for d in listed] == [first, second]
+        assert set(listed[0]) == {"id", "sha256", "media_type", "size", "created_at"}
+        assert listed[0]["sha256"] == hashlib.sha256(PDF).hexdigest()
+        assert listed[0]["size"] == len(PDF) and listed[0]["media_type"] == "application/pdf"
+        assert listed[0]["created_at"].tzinfo is not None
+        # A document is found only under its own subject.
+        with pytest.raises(DocumentNotFoundError):
+            vault.document(bob, first)
+        with pytest.raises(DocumentNotFoundError):
+            vault.document(alice, str(uuid.uuid4()))
+        with pytest.raises(DocumentNotFoundError):
+            vault.document(alice, "../../etc/passwd")
+        assert vault.documents(uuid.uuid4()) == []
+        # Documents alone do not make a subject "enrolled" (the sweep erases those).
+        assert vault.subjects() == []
+
+
+@pytest.mark.parametrize(
+    ("data", "media_type", "filename"),
+    [("text", "text/plain", "a.txt"), (b"x", "", "a.txt"), (b"x", "text/plain", ""),
+     (b"x", "text/plain", "a\nb.txt"), (b"x", "t" * 300, "a.txt")],
+)
+def test_rejects_malformed_documents(
+    vault_path: Path, kek: bytes, data: object, media_type: str, filename: str
+) -> None:
+    with Vault.open(vault_path, kek, create=True) as vault, pytest.raises(ValueError):
+        vault.put_document(uuid.uuid4(), data, media_type=media_type, filename=filename)
+
+
+def test_document_content_and_name_are_sealed(vault_path: Path, kek: bytes) -> None:
+    subject = uuid.uuid4()
+    with Vault.open(vault_path, kek, create=True) as vault:
+        vault.put_document(subject, PDF, media_type="application/pdf",
+                           filename="Quitclaim Barack Obama.pdf")
+    data = vault_path.read_bytes()
+    assert b"Barack" not in data and b"Obama" not in data
+    for start in range(0, len(PDF) - 16, 16):
+        assert PDF[start : start + 16] not in data
+
+
+def test_moved_document_fails_authentication(vault_path: Path, kek: bytes) -> None:
+    alice, bob = uuid.uuid4(), uuid.uuid4()
+    with Vault.open(vault_path, kek, create=True) as vault:
+        doc = vault.put_document(alice, b"alice's", media_type="text/plain", filename="a.txt")
+        vault.put_document(bob, b"bob's", media_type="text/plain", filename="b.txt")
+    conn = sqlite3.connect(vault_path)
+    with conn:  # Alice's ciphertext under another document id: the AAD must catch it
+        other = str(uuid.uuid4())
+        conn.execute("UPDATE documents SET id = ? WHERE id = ?", (other, doc))
+    conn.close()
+    with Vault.open(vault_path, kek) as vault, pytest.raises(VaultError, match="authentication"):
+        vault.document(alice, other)
+
+
+def test_template_erase_keeps_documents_full_erase_shreds_them(
+    vault_path: Path, kek: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    alice, bob = uuid.uuid4(), uuid.uuid4()
+    with Vault.open(vault_path, kek, create=True) as vault:
+        vault.add_templates(alice, vectors(2, 13))
+        # Small enough to sit in one page, so the bytes searched for below are contiguous.
+        doc = vault.put_document(alice, b"%PDF signed", media_type="application/pdf",
+                                 filename="alice.pdf")
+        bob_doc = vault.put_document(bob, b"bob", media_type="text/plain", filename="b.txt")
+    conn = sqlite3.connect(f"file:{vault_path}?mode=ro", uri=True)
+    key_nonce, wrapped = conn.execute(
+        "SELECT nonce, wrapped FROM document_keys WHERE subject_id = ?", (str(alice),)
+    ).fetchone()
+    sealed = conn.execute("SELECT ciphertext FROM documents WHERE id = ?", (doc,)).fetchone()[0]
+    conn.close()
+    assert wrapped in vault_path.read_bytes() and sealed in vault_path.read_bytes()
+
+    with caplog.at_level(logging.DEBUG), Vault.open(vault_path, kek) as vault:
+        # The biometric grant ended: templates go, the signed quitclaim stays.
+        assert vault.erase(alice) == 2
+        assert vault.document(alice, doc)[0] == b"%PDF signed"
+        # The subject is erased: the document key and the documents go too.
+        assert vault.erase(alice, documents=True) == 0
+        assert vault.documents(alice) == []
+        with pytest.raises(DocumentNotFoundError):
+            vault.document(alice, doc)
+        assert vault.document(bob, bob_doc)[0] == b"bob"
+    after = vault_path.read_bytes()
+    assert wrapped not in after and key_nonce not in after
+    assert sealed not in after and sealed[:16] not in after
+    assert str(alice).encode() not in after
+    assert "alice.pdf" not in caplog.text
+
+
+def test_vault_without_document_tables_gets_them_after_the_key_check(
+    vault_path: Path, kek: bytes
+) -> None:
+    subject = uuid.uuid4()
+    with Vault.open(vault_path, kek, create=True) as vault:
+        vault.add_templates(subject, vectors(1, 14))
+    conn = sqlite3.connect(vault_path)  # a vault made before documents existed
+    with conn:
+        conn.execute("DROP TABLE documents")
+        conn.execute("DROP TABLE document_keys")
+    conn.execute("VACUUM")
+    conn.close()
+    before = vault_path.read_bytes()
+    with pytest.raises(KeyMaterialError):
+        Vault.open(vault_path, os.urandom(32))
+    assert vault_path.read_bytes() == before
+    with Vault.open(vault_path, kek) as vault:
+        assert vault.templates(subject).shape == (1, 128)
+        doc = vault.put_document(subject, b"q", media_type="text/plain", filename="q.txt")
+        assert vault.document(subject, doc) == (b"q", "text/plain", "q.txt")
+    assert mode(vault_path) == 0o600
+
+
+def test_vault_url_forms(tmp_path: Path, kek: bytes) -> None:
+    path = tmp_path / "v.db"
+    with Vault.open(f"sqlite:///{path}", kek, create=True) as vault:
+        assert vault.path == path and vault.location == str(path)
+    with Vault.open(str(path), kek) as vault:
+        assert vault.subjects() == []
+    with pytest.raises(VaultError, match="SQLite file or PostgreSQL"):
+        Vault.open("mysql://u:secret@host/db", kek)
+    with pytest.raises(VaultError, match="schema") as caught:
+        Vault.open("postgresql://u:secret@host/db?schema=Bad-Name", kek)
+    assert "secret" not in str(caught.value)
+
+
+def test_settings_vault_url(tmp_path: Path) -> None:
+    from plugin.settings import validate
+
+    s = validate({}, file="c.toml", base_dir=tmp_path)
+    assert s.vault_url == f"sqlite:///{tmp_path / '.consentry/vault.db'}"
+    s = validate({"store": {"vault_url": "sqlite:///v/x.db"}}, file="c.toml", base_dir=tmp_path)
+    assert s.vault_url == f"sqlite:///{tmp_path / 'v/x.db'}"
+    pg = "postgresql+psycopg://u:pw@db.internal/vault?schema=vault"
+    s = validate({"store": {"vault_url": pg}}, file="c.toml", base_dir=tmp_path)
+    assert s.vault_url == pg
