@@ -34,6 +34,7 @@ import requests
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from connectors.base import ConnectorContext, Fetched, Purpose
+from connectors.secrets import HeaderSecret, LazySecret
 from plugin.errors import AssetError, AuthError, ConnectorError, UnavailableError
 from plugin.http import HttpClient, build_session
 from plugin.models import AssetRef, AssetVerdict, FaceBox, Geometry, Status
@@ -60,10 +61,14 @@ class ImmichConfig(BaseModel):
     kind: Literal["immich"] = "immich"
     name: str = Field("immich", pattern=r"^[A-Za-z0-9_.-]+$", description="connector name")
     url: str = Field(description="server address without /api, e.g. https://photos.example.org")
-    api_key: SecretStr = Field(
-        description="API key of the Immich user whose library is processed (sent as x-api-key); "
-        "permissions: asset.read, asset.view, face.*, person.*, tag.*"
+    api_key: SecretStr | None = Field(
+        None, description="API key of the Immich user whose library is processed (sent as "
+        "x-api-key; permissions: asset.read, asset.view, face.*, person.*, tag.*); prefer "
+        "api_key_env"
     )
+    api_key_env: str = Field(
+        "CONSENTRY_IMMICH_API_KEY",
+        description="environment variable holding the API key when api_key is unset")
     album_ids: tuple[str, ...] = Field(
         (), description="only assets in these albums (ids); empty: every asset of the key's user"
     )
@@ -123,9 +128,10 @@ class ImmichConnector:
         self.config = config
         self.name = config.name
         # API key only, never a login cookie: a cookie would silently win over the key.
-        session = build_session(headers={"x-api-key": config.api_key.get_secret_value(),
-                                         "Accept": "application/json"},
+        session = build_session(headers={"Accept": "application/json"},
                                 verify=config.verify_tls)
+        session.auth = HeaderSecret("x-api-key", LazySecret(
+            config.api_key, config.api_key_env, connector=config.name, key="api_key"))
         self.http = HttpClient(self.name, session, base_url=config.url.rstrip("/") + "/api",
                                timeout=config.timeout)
         self._work_dir = context.work_dir / f"immich-{self.name}"

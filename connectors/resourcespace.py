@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from connectors.base import ConnectorContext, Fetched, Purpose
 from connectors.resourcespace_api import ResourceSpaceApi, RsCallError, as_int
+from connectors.secrets import LazySecret
 from plugin.errors import AssetError, AuthError, ConfigError, ConnectorError, UnavailableError
 from plugin.http import HttpClient, RetryPolicy, build_session
 from plugin.models import AssetRef, AssetVerdict, Consent, Geometry, Grant, GrantKind, Status
@@ -65,8 +66,12 @@ class ResourceSpaceConfig(BaseModel):
     base_url: str = Field(pattern=r"^https?://", description="ResourceSpace base URL "
                           "(the folder holding /api/)")
     user: str = Field(min_length=1, description="ResourceSpace user the API key belongs to")
-    private_key: SecretStr = Field(description="the user's private API key "
-                                   "(Admin → Users → user → Private API key)")
+    private_key: SecretStr | None = Field(None, description="the user's private API key "
+                                          "(Admin → Users → user → Private API key); prefer "
+                                          "private_key_env")
+    private_key_env: str = Field(
+        "CONSENTRY_RESOURCESPACE_KEY",
+        description="environment variable holding the private key when private_key is unset")
     resource_types: tuple[int, ...] = Field((1,), description="resource type ids to analyse "
                                             "(1 = Photo); empty: all types")
     collections: tuple[int, ...] = Field((), description="only resources in these collection "
@@ -140,7 +145,9 @@ class ResourceSpaceConnector:
             policy=RetryPolicy(attempts=config.retry_attempts,
                                initial=config.retry_initial_seconds,
                                maximum=max(config.retry_initial_seconds * 16, 0.001)))
-        self.api = ResourceSpaceApi(self.http, user=config.user, key=config.private_key)
+        self.api = ResourceSpaceApi(self.http, user=config.user, key=LazySecret(
+            config.private_key, config.private_key_env, connector=config.name,
+            key="private_key"))
         self._work_dir = context.work_dir
         self._state_file = context.work_dir / "resourcespace" / f"{config.name}.json"
         self._tmp: Path | None = None

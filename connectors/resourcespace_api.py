@@ -25,6 +25,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from pydantic import SecretStr
 
+from connectors.secrets import LazySecret
 from plugin.errors import AssetError, AuthError, ConnectorError, UnavailableError
 from plugin.http import HttpClient
 
@@ -110,7 +111,7 @@ def _unwrap(value: Any) -> Any:
 class ResourceSpaceApi:
     """One user's signed access to one ResourceSpace; all traffic goes through `http`."""
 
-    def __init__(self, http: HttpClient, *, user: str, key: SecretStr) -> None:
+    def __init__(self, http: HttpClient, *, user: str, key: SecretStr | LazySecret) -> None:
         self.http, self.user, self._key = http, user, key
         redact_urllib3()
 

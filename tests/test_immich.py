@@ -386,3 +386,18 @@ def test_pipeline_writes_consented_people_into_immich(fake, tmp_path, demo_data,
         assert fake.tag_values(portrait) == {"Consent/Withdrawn"}
         assert app.connectors["immich"].forget_subject(obama.id)["people_deleted"] == 1
         assert fake.people == {}
+
+
+def test_api_key_from_the_environment_read_on_first_use(fake, tmp_path, monkeypatch, caplog):
+    from plugin.errors import ConfigError
+
+    monkeypatch.delenv("CONSENTRY_IMMICH_API_KEY", raising=False)
+    fake.add_asset(name="IMG_0001.jpg")
+    c = make(fake, tmp_path, key=None)  # built without any key: nothing contacted yet
+    with pytest.raises(ConfigError, match="CONSENTRY_IMMICH_API_KEY"):
+        c.changes(None)
+    monkeypatch.setenv("CONSENTRY_IMMICH_API_KEY", KEY)
+    with caplog.at_level(logging.DEBUG):
+        refs, _ = c.changes(None)
+    assert len(refs) == 1
+    assert KEY not in caplog.text and KEY not in repr(c.http.session.auth.__dict__)

@@ -484,3 +484,14 @@ def test_downloads_do_not_pile_up(rs, tmp_path, monkeypatch):
     assert [p.exists() for p in paths] == [False, False, True, True]  # look-ahead kept
     c.close()
     assert not any(p.exists() for p in paths)
+
+
+def test_private_key_from_the_environment_read_on_first_use(rs, tmp_path, monkeypatch):
+    monkeypatch.delenv("CONSENTRY_RESOURCESPACE_KEY", raising=False)
+    rs.upload(jpeg(64, 48))
+    c = make(rs, tmp_path, private_key=None)
+    with pytest.raises(ConfigError, match="CONSENTRY_RESOURCESPACE_KEY"):
+        c.changes(None)
+    monkeypatch.setenv("CONSENTRY_RESOURCESPACE_KEY", KEY)
+    listed, _ = c.changes(None)
+    assert len(listed) == 1
