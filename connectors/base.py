@@ -8,9 +8,11 @@ write is not seen as a change on the next scan.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from plugin.models import AssetRef, AssetVerdict, Geometry
 
@@ -55,6 +57,38 @@ class KnownVersions(Protocol):
         ...
 
 
+class LinkStore(Protocol):
+    """What a connector remembers of the records it created on its platform (Immich people and
+    faces), shared by every worker on every machine: plugin.links.StateLinks keeps it in the
+    state database. A face record is {"id", "subject", "created", "previous"}."""
+
+    def hold(self, connector: str, key: str) -> AbstractContextManager[None]:
+        """Exclusive use of `key` (e.g. "person:<subject>", "asset:<id>") across all workers
+        and machines until the block ends: read, call the platform, record, then let go."""
+        ...
+
+    def person(self, connector: str, subject: str) -> str | None: ...
+
+    def people(self, connector: str) -> dict[str, str]: ...
+
+    def set_person(self, connector: str, subject: str, person: str | None) -> None: ...
+
+    def faces(self, connector: str, asset: str) -> list[dict[str, Any]]: ...
+
+    def set_faces(self, connector: str, asset: str,
+                  records: Sequence[Mapping[str, Any]]) -> None: ...
+
+    def assets_of(self, connector: str, subject: str) -> list[str]:
+        """Assets holding a face record of the subject."""
+        ...
+
+    def import_links(self, connector: str, people: Mapping[str, str],
+                     faces: Mapping[str, Sequence[Mapping[str, Any]]]) -> tuple[int, int]:
+        """Add links kept elsewhere before (a links.json); what is recorded already wins.
+        Returns (people, faces) added."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectorContext:
     """What every connector is built with, besides its own config."""
@@ -64,6 +98,7 @@ class ConnectorContext:
     known: KnownVersions | None = None
     base_dir: Path = Path()
     work_dir: Path = Path(".consentry/work")
+    links: LinkStore | None = None
 
 
 @runtime_checkable

@@ -11,14 +11,15 @@ back in the next window; their checksum is unchanged, so the processing key is u
 pipeline skips them before any download: no re-analysis loop.
 
 Names go into Immich through the API only, never also through XMP (Immich would import a second,
-`exif` face beside ours). Faces Consentry created are remembered in a small JSON file in the work
-dir (the create call returns no id: the face is found again by its box); faces Consentry did not
-create are never deleted.
+`exif` face beside ours). The people and faces Consentry created are remembered in the state
+database through ConnectorContext.links (the create call returns no id: a face is found again by
+its box), shared by every worker on every machine: a subject's person is created under a lock
+held per subject, an asset's faces are rewritten under a lock held per asset. Faces Consentry
+did not create are never deleted.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ from typing import Any, Literal
 import requests
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from connectors.base import ConnectorContext, Fetched, Purpose
+from connectors.base import ConnectorContext, Fetched, LinkStore, Purpose
 from connectors.secrets import HeaderSecret, LazySecret
 from plugin.errors import AssetError, AuthError, ConnectorError, UnavailableError
 from plugin.http import HttpClient, build_session
@@ -135,8 +136,8 @@ class ImmichConnector:
         self.http = HttpClient(self.name, session, base_url=config.url.rstrip("/") + "/api",
                                timeout=config.timeout)
         self._work_dir = context.work_dir / f"immich-{self.name}"
-        self._state_file = self._work_dir / "links.json"
-        self._links: dict[str, Any] | None = None
+        self._links = context.links
+        self._imported = False
         self._geometry: dict[str, Geometry | None] = {}
         self._tag_ids: dict[Status, str] | None = None
         self._checked_people: set[str] = set()
@@ -240,35 +241,44 @@ class ImmichConnector:
 
     # -- our own records ---------------------------------------------------------------------
     @property
-    def links(self) -> dict[str, Any]:
-        """{"people": {subject: person}, "faces": {asset: [{id, subject, created, previous}]}}"""
+    def _store(self) -> LinkStore:
+        """The links (state database), with a links.json of earlier versions imported first."""
         if self._links is None:
-            try:
-                self._links = json.loads(self._state_file.read_text(encoding="utf-8"))
-            except FileNotFoundError:
-                self._links = {"people": {}, "faces": {}}
+            raise ConnectorError(self.name, "no link store: the Immich connector keeps the "
+                                 "people and faces it created in the state database")
+        if not self._imported:
+            self._import_links_file(self._links)
+            self._imported = True
         return self._links
 
-    def _save_links(self) -> None:
-        self._work_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".links-", suffix=".tmp", dir=self._work_dir)
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(self.links, out, sort_keys=True, indent=1)
-        Path(tmp).replace(self._state_file)
+    def _import_links_file(self, store: LinkStore) -> None:
+        """Links kept in the work dir by earlier versions go into the state database once; the
+        file is then deleted (it links subject ids to Immich people: no copy stays behind, and
+        other workers find nothing to import)."""
+        legacy = self._work_dir / "links.json"
+        if not legacy.exists():
+            return
+        with store.hold(self.name, "import"):
+            try:
+                data = json.loads(legacy.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                return  # another worker imported it meanwhile
+            except ValueError as err:
+                raise ConnectorError(self.name, f"{legacy}: unreadable ({err}); fix or move "
+                                     "it away") from err
+            people, faces = store.import_links(self.name, data.get("people") or {},
+                                               data.get("faces") or {})
+            legacy.unlink()
+            legacy.with_suffix(".lock").unlink(missing_ok=True)
+        log.info("%s: imported %d person link(s) and %d face record(s) from %s into the state "
+                 "database", self.name, people, faces, legacy)
 
     @contextmanager
-    def _links_locked(self) -> Iterator[None]:
-        """Worker processes on one machine share the links file: each reads it afresh under
-        an exclusive lock and writes it back before letting go, so no worker creates a second
-        person for a subject another one linked, or overwrites the faces another recorded."""
-        self._work_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self._state_file.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            self._links = None
-            yield
-        finally:
-            os.close(fd)
+    def _holding(self, key: str) -> Iterator[LinkStore]:
+        """The link store with `key` held across every worker (of every machine)."""
+        store = self._store
+        with store.hold(self.name, key):
+            yield store
 
     # -- write-back --------------------------------------------------------------------------
     def write_back(self, ref: AssetRef, verdict: AssetVerdict, geometry: Geometry) -> AssetRef:
@@ -279,8 +289,8 @@ class ImmichConnector:
         try:
             if self.config.write_faces and self._faces_off is None:
                 try:
-                    with self._links_locked():
-                        self._write_faces(ref, verdict, geometry)
+                    with self._holding(f"asset:{ref.id}") as links:
+                        self._write_faces(links, ref, verdict, geometry)
                 except _Forbidden as err:
                     self._faces_off = err.permission
                     log.warning("%s: the API key lacks the Immich permission %r: writing Consent "
@@ -307,11 +317,12 @@ class ImmichConnector:
     def _faces_of(self, asset_id: str) -> list[dict[str, Any]]:
         return self._call("GET", "/faces", params={"id": asset_id}).json()
 
-    def _write_faces(self, ref: AssetRef, verdict: AssetVerdict, geometry: Geometry) -> None:
+    def _write_faces(self, links: LinkStore, ref: AssetRef, verdict: AssetVerdict,
+                     geometry: Geometry) -> None:
         width, height = geometry.displayed_size
         wanted = [(f.box, str(f.subject_id), f.name) for f in verdict.faces
                   if f.name and f.subject_id is not None]
-        ours: list[dict[str, Any]] = self.links["faces"].get(ref.id, [])
+        ours = links.faces(self.name, ref.id)
         if not wanted and not ours:
             return
         current = {f["id"]: f for f in self._faces_of(ref.id)}
@@ -355,11 +366,8 @@ class ImmichConnector:
             current[created["id"]] = created
             kept.append({"id": created["id"], "subject": subject, "created": True,
                          "previous": None})
-        if kept:
-            self.links["faces"][ref.id] = kept
-        else:
-            self.links["faces"].pop(ref.id, None)
-        self._save_links()
+        if kept or ours:
+            links.set_faces(self.name, ref.id, kept)
 
     def _create_face(self, asset_id: str, person: str, box: FaceBox, width: int,
                      height: int) -> dict[str, Any]:
@@ -409,31 +417,31 @@ class ImmichConnector:
         return "kept"
 
     def _person_for(self, subject: str, name: str) -> str:
-        """The Immich person linked to the subject: checked once per run, renamed, or created."""
-        people = self.links["people"]
-        person = people.get(subject)
-        if person is not None and person not in self._checked_people:
-            response = self._call("GET", f"/people/{person}", ok=(400, 404))
-            if response.status_code in (400, 404):
-                person = None  # merged or deleted in Immich: link a new one
-            elif response.json().get("name") != name:
-                self._call("PUT", f"/people/{person}", json={"name": name})
-        if person is None:
-            since = self._clock() - timedelta(seconds=5)
-            created = self._checked_create("/people", {"name": name},
-                                           lambda: self._new_person(name, since))
-            if created is None:
-                raise ConnectorError(self.name, "POST /people answered without a person")
-            person = created["id"]
-            people[subject] = person
-            self._save_links()
+        """The Immich person linked to the subject: checked once per run, renamed, or created.
+        Held per subject across every worker, so a subject never gets a second person."""
+        with self._holding(f"person:{subject}") as links:
+            person = links.person(self.name, subject)
+            if person is not None and person not in self._checked_people:
+                response = self._call("GET", f"/people/{person}", ok=(400, 404))
+                if response.status_code in (400, 404):
+                    person = None  # merged or deleted in Immich: link a new one
+                elif response.json().get("name") != name:
+                    self._call("PUT", f"/people/{person}", json={"name": name})
+            if person is None:
+                since = self._clock() - timedelta(seconds=5)
+                created = self._checked_create("/people", {"name": name},
+                                               lambda: self._new_person(links, name, since))
+                if created is None:
+                    raise ConnectorError(self.name, "POST /people answered without a person")
+                person = created["id"]
+                links.set_person(self.name, subject, person)
         self._checked_people.add(person)
         return person
 
-    def _new_person(self, name: str, since: datetime) -> dict[str, Any] | None:
+    def _new_person(self, links: LinkStore, name: str, since: datetime) -> dict[str, Any] | None:
         """A person named `name`, created since `since` and linked to no subject: what a
         create that failed on the way back left behind."""
-        linked = set(self.links["people"].values())
+        linked = set(links.people(self.name).values())
         page: int | None = 1
         while page is not None:
             answer = self._call("GET", "/people", params={"page": page, "size": 500,
@@ -469,33 +477,31 @@ class ImmichConnector:
         """Erasure, or withdrawal of every grant: delete the faces Consentry created for the
         subject, hand back faces it had reassigned, and delete the Immich person it linked
         (a faceless Immich person keeps its name otherwise). Foreign faces are never deleted.
-        Tags follow on the re-evaluation of the subject's assets."""
-        with self._links_locked():
-            return self._forget(str(subject_id))
-
-    def _forget(self, subject: str) -> dict[str, int]:
+        Tags follow on the re-evaluation of the subject's assets. The subject's link rows go
+        from the state database as each is undone."""
+        subject = str(subject_id)
         counts = {"faces_deleted": 0, "faces_returned": 0, "people_deleted": 0}
-        for asset_id, records in list(self.links["faces"].items()):
-            keep = []
-            for record in records:
-                if record["subject"] != subject:
-                    keep.append(record)
-                    continue
-                outcome = self._release(record)
-                if outcome != "kept":
-                    counts[f"faces_{outcome}"] += 1
-            if keep:
-                self.links["faces"][asset_id] = keep
-            else:
-                self.links["faces"].pop(asset_id)
-            self._save_links()
-        person = self.links["people"].pop(subject, None)
-        if person is not None:
-            # Faces still on the person (reassigned machine faces) fall back to unassigned.
-            response = self._call("DELETE", f"/people/{person}", ok=(400, 404))
-            counts["people_deleted"] = int(response.status_code < 400)
-            self._checked_people.discard(person)
-            self._save_links()
+        for asset_id in self._store.assets_of(self.name, subject):
+            with self._holding(f"asset:{asset_id}") as links:
+                records = links.faces(self.name, asset_id)
+                keep = []
+                for record in records:
+                    if record["subject"] != subject:
+                        keep.append(record)
+                        continue
+                    outcome = self._release(record)
+                    if outcome != "kept":
+                        counts[f"faces_{outcome}"] += 1
+                if len(keep) != len(records):
+                    links.set_faces(self.name, asset_id, keep)
+        with self._holding(f"person:{subject}") as links:
+            person = links.person(self.name, subject)
+            if person is not None:
+                # Faces still on the person (reassigned machine faces) fall back to unassigned.
+                response = self._call("DELETE", f"/people/{person}", ok=(400, 404))
+                counts["people_deleted"] = int(response.status_code < 400)
+                self._checked_people.discard(person)
+                links.set_person(self.name, subject, None)
         return counts
 
     def unname_subject(self, subject_id: uuid.UUID | str) -> dict[str, int]:

@@ -18,6 +18,7 @@ from connectors.base import ConnectorContext
 from plugin import keys, registry
 from plugin.audit import AuditLog
 from plugin.engine import DlibEngine, FaceEngine, engine_from_settings
+from plugin.links import StateLinks
 from plugin.matcher import MatchSettings
 from plugin.pipeline import Pipeline
 from plugin.settings import Settings
@@ -74,6 +75,7 @@ class App:
             context = ConnectorContext(
                 writer=self.writer, engine_version=self.engine.version, known=self.state,
                 base_dir=settings.base_dir, work_dir=settings.resolve(Path(".consentry/work")),
+                links=StateLinks.of(self.state),
             )
             for i, raw in enumerate(settings.connectors):
                 connector = registry.build(raw, file=str(config_file), index=i, context=context)

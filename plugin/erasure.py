@@ -567,21 +567,26 @@ def _delete_records(app: App, receipt: Receipt) -> None:
     with app.state.begin() as conn:
         consents = conn.execute(sa.select(sa.func.count()).select_from(t.consents)
                                 .where(t.consents.c.subject_id == str(sid))).scalar_one()
-        _delete_portal_records(conn, sid)
+        _delete_side_records(conn, sid)
         app.state.delete_subject(sid, conn)
         _advance(conn, receipt, Stage.RECORDS_DELETED,
                  consents_deleted=max(consents, receipt.consents_deleted))
 
 
-def _delete_portal_records(conn: sa.Connection, sid: uuid.UUID) -> None:
-    """Invitations and expiry-alert marks hold ids only, but they still say that this person
-    was asked and when: erasure leaves no such trace (an old link then reads as unknown)."""
+def _delete_side_records(conn: sa.Connection, sid: uuid.UUID) -> None:
+    """Invitations, expiry-alert marks and platform links (which Immich person or face was this
+    subject's) hold ids only, but still say that this person was asked, when, and where they
+    were: erasure leaves no such trace. Links of a configured platform are already gone (the
+    platform was told to forget the person); these are the leftovers of a removed connector."""
     from plugin.alerts import expiry_alerts
     from plugin.invitations import invitations
+    from plugin.links import connector_faces, connector_people
 
     consent_ids = sa.select(t.consents.c.id).where(t.consents.c.subject_id == str(sid))
     conn.execute(expiry_alerts.delete().where(expiry_alerts.c.consent_id.in_(consent_ids)))
     conn.execute(invitations.delete().where(invitations.c.subject_id == str(sid)))
+    conn.execute(connector_people.delete().where(connector_people.c.subject_id == str(sid)))
+    conn.execute(connector_faces.delete().where(connector_faces.c.subject_id == str(sid)))
 
 
 def _compact(app: App, receipt: Receipt) -> None:

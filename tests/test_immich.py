@@ -5,7 +5,9 @@ erasure, missing permissions, faults; and the whole pipeline on real demo photos
 from __future__ import annotations
 
 import io
+import json
 import logging
+import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -18,6 +20,7 @@ from connectors.base import ConnectorContext
 from connectors.immich import ImmichConfig, ImmichConnector
 from plugin.errors import AssetError, AuthError, UnavailableError
 from plugin.http import HttpClient, RetryPolicy
+from plugin.links import StateLinks
 from plugin.models import (
     AssetVerdict,
     FaceBox,
@@ -26,6 +29,7 @@ from plugin.models import (
     ModelRelease,
     Status,
 )
+from plugin.state import StateStore
 from tests.fakes.immich import ALL, FakeImmichServer
 
 KEY = "immich-secret-key-42"
@@ -39,10 +43,24 @@ def fake():
     assert server.invalid == [], "requests that do not match immich-openapi.json"
 
 
-def make(fake, tmp_path, *, key=KEY, attempts=5, timeout=5.0, **options):
+# The state database each test's connectors keep their links in (by tmp_path; see `make`).
+STATES: dict[Path, StateStore] = {}
+
+
+@pytest.fixture(autouse=True)
+def state(tmp_path):
+    store = STATES[tmp_path] = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
+    yield store
+    STATES.pop(tmp_path).close()
+
+
+def make(fake, tmp_path, *, key=KEY, attempts=5, timeout=5.0, work_dir=None, links=None,
+         **options):
     config = ImmichConfig(url=fake.url, api_key=key, timeout=timeout, **options)
-    connector = ImmichConnector(config, ConnectorContext(writer=None, engine_version="t",
-                                                         work_dir=tmp_path / "work"))
+    context = ConnectorContext(writer=None, engine_version="t",
+                               work_dir=work_dir or tmp_path / "work",
+                               links=links or StateLinks.of(STATES[tmp_path]))
+    connector = ImmichConnector(config, context)
     # Same session and policy, no real sleeping between retries in tests.
     connector.http = HttpClient(connector.name, connector.http.session,
                                 base_url=connector.http.base_url, timeout=timeout,
@@ -156,7 +174,7 @@ def test_person_face_and_tag_written_exactly_once(fake, tmp_path):
     ref = c.changes(None)[0][0]
     for _ in range(2):
         c.write_back(ref, verdict(), GEO)
-    # A new connector (a new run) reads its links from the work dir.
+    # A new connector (a new run) reads its links from the state database.
     c2 = make(fake, tmp_path)
     c2.write_back(ref, verdict(), GEO)
     assert [p["name"] for p in fake.people.values()] == ["Jane Doe"]
@@ -184,7 +202,8 @@ def test_rotated_original_gets_its_face_in_the_upright_frame(fake, tmp_path):
     assert (face["imageWidth"], face["imageHeight"]) == (800, 1000)
 
 
-def test_withdrawal_removes_created_faces_only_and_erasure_deletes_the_person(fake, tmp_path):
+def test_withdrawal_removes_created_faces_only_and_erasure_deletes_the_person(fake, tmp_path,
+                                                                           state):
     asset = fake.add_asset(jpeg())
     foreign = fake.add_face(asset, (600, 100, 700, 200), width=1000, height=800,
                             person=fake.add_person("Someone"))
@@ -202,7 +221,9 @@ def test_withdrawal_removes_created_faces_only_and_erasure_deletes_the_person(fa
     assert result == {"faces_deleted": 1, "faces_returned": 0, "people_deleted": 1}
     assert [p["name"] for p in fake.people.values()] == ["Someone"]
     assert [f["id"] for f in fake.faces_of(asset)] == [foreign]
-    assert "Jane" not in (tmp_path / "work").joinpath("immich-immich", "links.json").read_text()
+    links = StateLinks.of(state)  # the subject's link rows went with the person
+    assert links.people("immich") == {} and links.assets_of("immich", str(SUBJECT)) == []
+    assert links.faces("immich", asset) == []
     assert c.forget_subject(SUBJECT) == {"faces_deleted": 0, "faces_returned": 0,
                                          "people_deleted": 0}
 
@@ -248,6 +269,110 @@ def test_face_of_another_named_person_is_left_alone(fake, tmp_path):
     c.write_back(c.changes(None)[0][0], verdict(), GEO)
     (face,) = fake.faces_of(asset)
     assert face["personId"] == other
+
+
+# -- links shared by every worker of every machine ----------------------------------------------
+@pytest.fixture(params=["sqlite", "postgresql"])
+def shared_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'shared.db'}"
+    return request.getfixturevalue("postgres_url")  # skips without a server
+
+
+def test_two_machines_sharing_the_state_database_create_one_person_and_no_duplicate_face(
+        fake, tmp_path, shared_url):
+    """Two workers with their own work dirs (two machines) and their own connections to one
+    state database write the same assets at the same moment: one Immich person, one face per
+    asset; and each knows the faces the other created."""
+    assets = [fake.add_asset(jpeg(400 + i, 300)) for i in range(3)]
+    stores = [StateStore(shared_url) for _ in range(2)]
+    machines = [make(fake, tmp_path, work_dir=tmp_path / name / "work",
+                     links=StateLinks.of(store))
+                for name, store in zip("ab", stores, strict=True)]
+    try:
+        refs = machines[0].changes(None)[0]
+        barrier, errors = threading.Barrier(2), []
+
+        def run(connector):
+            try:
+                barrier.wait(timeout=10)
+                for ref in refs:
+                    connector.write_back(ref, verdict(), GEO)
+            except Exception as err:  # reported by the assert below
+                errors.append(err)
+
+        threads = [threading.Thread(target=run, args=(c,)) for c in machines]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert errors == []
+        assert [p["name"] for p in fake.people.values()] == ["Jane Doe"]
+        assert sum(1 for m, p in fake.log if (m, p) == ("POST", "/api/people")) == 1
+        assert all(len(fake.faces_of(a)) == 1 for a in assets)
+        assert not (tmp_path / "a" / "work" / "immich-immich" / "links.json").exists()
+
+        # Machine b re-processes what both wrote: nothing added.
+        for ref in refs:
+            machines[1].write_back(ref, verdict(), GEO)
+        assert len(fake.people) == 1 and all(len(fake.faces_of(a)) == 1 for a in assets)
+        # Withdrawal on machine a removes every face Consentry created, whoever created it.
+        for ref in refs:
+            machines[0].write_back(ref, verdict(Status.WITHDRAWN, named=False), GEO)
+        assert all(fake.faces_of(a) == [] for a in assets)
+        machines[1].write_back(refs[0], verdict(), GEO)
+        # Erasure on machine a undoes what machine b wrote.
+        assert machines[0].forget_subject(SUBJECT) == {"faces_deleted": 1, "faces_returned": 0,
+                                                        "people_deleted": 1}
+        assert fake.people == {} and fake.faces == {}
+        links = StateLinks.of(stores[1])
+        assert links.people("immich") == {} and links.assets_of("immich", str(SUBJECT)) == []
+    finally:
+        for connector in machines:
+            connector.close()
+        for store in stores:
+            store.close()
+
+
+def test_links_json_of_an_earlier_version_is_imported_once(fake, tmp_path, state):
+    asset = fake.add_asset(jpeg())
+    person = fake.add_person("Jane Doe")
+    face = fake.add_face(asset, (100, 100, 300, 300), width=1000, height=800, person=person,
+                         source="manual")
+    other = str(uuid.UUID("22222222-2222-4222-8222-222222222222"))
+    legacy = tmp_path / "work" / "immich-immich" / "links.json"
+    legacy.parent.mkdir(parents=True)
+    legacy.write_text(json.dumps({
+        "people": {str(SUBJECT): person, other: "gone-person"},
+        "faces": {asset: [{"id": face, "subject": str(SUBJECT), "created": True,
+                           "previous": None}]},
+    }))
+    links = StateLinks.of(state)
+    links.set_person("immich", other, "recorded-person")  # what the database holds wins
+    c = make(fake, tmp_path)
+    ref = c.changes(None)[0][0]
+    c.write_back(ref, verdict(), GEO)
+    assert not legacy.exists() and not legacy.with_name("links.json.imported").exists()
+    assert links.people("immich") == {str(SUBJECT): person, other: "recorded-person"}
+    assert list(fake.people) == [person] and [f["id"] for f in fake.faces_of(asset)] == [face]
+    # Another worker (or a later run) finds nothing left to import and the links in place.
+    c2 = make(fake, tmp_path)
+    c2.write_back(ref, verdict(), GEO)
+    assert [f["id"] for f in fake.faces_of(asset)] == [face]
+    # The imported face is known as created by Consentry: withdrawal deletes it.
+    c2.write_back(ref, verdict(Status.WITHDRAWN, named=False), GEO)
+    assert fake.faces_of(asset) == []
+    assert c2.forget_subject(SUBJECT)["people_deleted"] == 1
+    assert list(links.people("immich")) == [other]
+
+
+def test_without_a_link_store_faces_are_refused_not_forgotten(fake, tmp_path):
+    fake.add_asset(jpeg())
+    c = make(fake, tmp_path)
+    c._links = None  # a context built without the state database
+    with pytest.raises(AssetError, match="state database"):
+        c.write_back(c.changes(None)[0][0], verdict(), GEO)
+    assert fake.people == {}
 
 
 def test_missing_face_permission_falls_back_to_tags_only(fake, tmp_path, caplog):

@@ -246,8 +246,9 @@ def test_in_process_consumer_for_serve(tmp_path, demo_data, engine, monkeypatch)
 
 
 def test_immich_workers_on_one_machine_share_their_links(tmp_path):
-    """Two worker processes' connectors (same work dir): the second sees the person the first
-    created instead of creating a second one, and neither loses the other's faces."""
+    """Two worker processes' connectors (same work dir, each with its own connection to the state
+    database): the second sees the person the first created instead of creating a second one,
+    and neither loses the other's faces."""
     import io
     import uuid
 
@@ -255,10 +256,12 @@ def test_immich_workers_on_one_machine_share_their_links(tmp_path):
 
     from connectors.base import ConnectorContext
     from connectors.immich import ImmichConfig, ImmichConnector
+    from plugin.links import StateLinks
     from plugin.models import AssetVerdict, FaceBox, FaceVerdict, Geometry, ModelRelease, Status
     from tests.fakes.immich import ALL, FakeImmichServer
 
     fake = FakeImmichServer(keys={"k" * 20: ALL})
+    stores = [StateStore(f"sqlite:///{tmp_path / 'state.db'}") for _ in range(2)]
     try:
         def jpeg() -> bytes:
             out = io.BytesIO()
@@ -268,11 +271,12 @@ def test_immich_workers_on_one_machine_share_their_links(tmp_path):
         assets = [fake.add_asset(jpeg(), name=f"IMG_{i}.jpg") for i in range(2)]
         workers = [ImmichConnector(ImmichConfig(url=fake.url, api_key="k" * 20),
                                    ConnectorContext(writer=None, engine_version="t",
-                                                    work_dir=tmp_path / "work"))
-                   for _ in range(2)]
+                                                    work_dir=tmp_path / "work",
+                                                    links=StateLinks.of(store)))
+                   for store in stores]
         refs = {r.id: r for r in workers[0].changes(None)[0]}
-        for w in workers:
-            assert w.links == {"people": {}, "faces": {}}  # both loaded before any write
+        links = StateLinks.of(stores[0])
+        assert links.people("immich") == {}
         subject = uuid.UUID("11111111-1111-4111-8111-111111111111")
         face = FaceVerdict(box=FaceBox(top=10, right=60, bottom=60, left=10),
                            status=Status.CLEARED, subject_id=subject, name="Jane Doe")
@@ -282,11 +286,12 @@ def test_immich_workers_on_one_machine_share_their_links(tmp_path):
             w.write_back(refs[asset], verdict, Geometry(stored_width=400, stored_height=300))
         assert [p["name"] for p in fake.people.values()] == ["Jane Doe"]
         assert all(len(fake.faces_of(a)) == 1 for a in assets)
-        with workers[0]._links_locked():
-            assert set(workers[0].links["faces"]) == set(assets)
+        assert links.assets_of("immich", str(subject)) == sorted(assets)
         for w in workers:
             w.close()
     finally:
+        for store in stores:
+            store.close()
         fake.close()
 
 

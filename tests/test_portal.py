@@ -489,11 +489,17 @@ def test_invitations_and_alerts_on_postgresql(tmp_path, postgres_url, monkeypatc
 
 def test_erasure_removes_the_persons_invitations(portal):
     from plugin import erasure
+    from plugin.links import StateLinks
 
     a, c = portal.app, portal.client
     jane, john = person(a), person(a, "John Roe")
     gone, kept = invite(a, jane), invite(a, john)
+    # Links left by a platform connector that has since been removed from the settings.
+    links = StateLinks.of(a.state)
+    links.set_person("old-immich", str(jane.id), "person-1")
+    links.set_person("old-immich", str(john.id), "person-2")
     erasure.erase(a, jane.id)
+    assert links.people("old-immich") == {str(john.id): "person-2"}
     assert invitations.get(a.state, gone.invitation.id) is None
     assert invitations.get(a.state, kept.invitation.id) is not None
     assert c.get(gone.path).status_code in (404, 410)
