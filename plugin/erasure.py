@@ -352,7 +352,7 @@ def find_erasure(app: App, ref: str) -> uuid.UUID | None:
     return uuid.UUID(matches[0]) if matches else None
 
 
-def start(app: App, subject_id: uuid.UUID) -> None:
+def start(app: App, subject_id: uuid.UUID, *, actor: str = "admin") -> None:
     """Record the erasure (stage `started`); a second call for the same subject changes nothing."""
     if app.state.subject(subject_id) is None:
         raise ConsentError("no such subject (see `consentry subjects list`)")
@@ -362,7 +362,7 @@ def start(app: App, subject_id: uuid.UUID) -> None:
         conn.execute(t.erasures.insert().values(
             subject_id=str(subject_id), started_at=_now_text(app), stage=Stage.STARTED.value,
             assets=[], foreign_name_assets=[], templates_destroyed=0, consents_deleted=0))
-        app.audit.append("subject.erasure_started", actor="admin", subject_id=subject_id,
+        app.audit.append("subject.erasure_started", actor=actor, subject_id=subject_id,
                          details={}, conn=conn)
     app.audit.sync_head()
     log.info("erasure of subject %s started", subject_id)
@@ -396,12 +396,12 @@ def run(app: App, subject_id: uuid.UUID) -> Receipt:
         _kill_point(done)
 
 
-def erase(app: App, subject_id: uuid.UUID) -> Receipt:
+def erase(app: App, subject_id: uuid.UUID, *, actor: str = "admin") -> Receipt:
     """Start (if needed) and finish the erasure of one subject."""
     with app.state.engine.connect() as conn:
         started = _row(conn, subject_id) is not None
     if not started:
-        start(app, subject_id)
+        start(app, subject_id, actor=actor)
     return run(app, subject_id)
 
 

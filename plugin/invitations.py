@@ -72,6 +72,8 @@ DOCUMENT_KIND = "consentry.portal.consent/1"
 LANGS = ("en", "nl")
 _INVITE_SALT = "consentry.portal.invitation"
 _WITHDRAW_SALT = "consentry.portal.withdrawal"
+# Audit actor of what the data subject does through the portal (consent, enrollment, withdrawal).
+PORTAL_ACTOR = "subject"
 
 Refusal = Literal["invalid", "expired", "used", "unknown"]
 
@@ -442,12 +444,12 @@ def accept(a: App, token: str, answer: Answer, *, selfie: bytes | None = None,
     _claim(a, inv, consent_id=consent.id if consent else None, digest=digest, now=now)
     try:
         if consent is not None:
-            people.add_consent(a.state, a.audit, consent)
+            people.add_consent(a.state, a.audit, consent, actor=PORTAL_ACTOR)
     except BaseException:
         _unclaim(a, inv)
         raise
     _keep_document(a, subject.id, document, inv)
-    a.audit.append("invitation.answered", subject_id=subject.id, actor="subject", at=now,
+    a.audit.append("invitation.answered", subject_id=subject.id, actor=PORTAL_ACTOR, at=now,
                    details={"invitation_id": str(inv.id),
                             "consent_id": str(consent.id) if consent else None,
                             "request_sha256": digest, "channels": list(answer.channels),
@@ -459,7 +461,8 @@ def accept(a: App, token: str, answer: Answer, *, selfie: bytes | None = None,
         with _private_file(selfie or b"") as path:
             try:
                 result = people.enroll(a.state, a.vault, a.audit, a.engine, subject, [path],
-                                       now=now, decode_options=a.pipeline.decode_options)
+                                       now=now, decode_options=a.pipeline.decode_options,
+                                       actor=PORTAL_ACTOR)
                 enrolled = result.added
             except (EnrollmentError, ConsentError) as err:
                 # Checked above, so this is unexpected; the consent stands without a photo.
@@ -543,8 +546,9 @@ def withdraw(a: App, token: str, *, now: datetime | None = None) -> Withdrawn:
     if not view.active:
         return Withdrawn(now, already=True, templates_destroyed=False)
     sid = view.consent.subject_id
-    destroyed = people.withdraw_consent(a.state, a.vault, a.audit, view.consent, at=now, now=now)
-    a.audit.append("portal.withdrawal", subject_id=sid, actor="subject", at=now,
+    destroyed = people.withdraw_consent(a.state, a.vault, a.audit, view.consent, at=now, now=now,
+                                        actor=PORTAL_ACTOR)
+    a.audit.append("portal.withdrawal", subject_id=sid, actor=PORTAL_ACTOR, at=now,
                    details={"consent_id": str(view.consent.id),
                             "templates_destroyed": destroyed})
     apply_change(a, sid, reason="consent withdrawn")

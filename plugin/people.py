@@ -32,14 +32,16 @@ def document_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def add_subject(state: StateStore, audit: AuditLog, subject: Subject) -> Subject:
+def add_subject(state: StateStore, audit: AuditLog, subject: Subject, *,
+                actor: str = "admin") -> Subject:
     state.add_subject(subject)
-    audit.append("subject.added", subject_id=subject.id, actor="admin",
+    audit.append("subject.added", subject_id=subject.id, actor=actor,
                  details={"minor": subject.minor})
     return subject
 
 
-def add_consent(state: StateStore, audit: AuditLog, consent: Consent) -> Consent:
+def add_consent(state: StateStore, audit: AuditLog, consent: Consent, *,
+                actor: str = "admin") -> Consent:
     subject = state.subject(consent.subject_id)
     if subject is None:
         raise ConsentError("no such subject")
@@ -47,7 +49,7 @@ def add_consent(state: StateStore, audit: AuditLog, consent: Consent) -> Consent
         raise ConsentError("the subject is a minor: the consent must be signed by a guardian "
                            "(--guardian --signed-by NAME)")
     state.add_consent(consent)
-    audit.append("consent.added", subject_id=consent.subject_id, actor="admin", details={
+    audit.append("consent.added", subject_id=consent.subject_id, actor=actor, details={
         "consent_id": str(consent.id),
         "grants": [{"kind": g.kind.value, "channels": list(g.channels),
                     "valid_from": g.valid_from.isoformat(),
@@ -59,13 +61,13 @@ def add_consent(state: StateStore, audit: AuditLog, consent: Consent) -> Consent
 
 def withdraw_consent(state: StateStore, vault: Vault, audit: AuditLog, consent: Consent, *,
                      at: datetime, now: datetime,
-                     kinds: Sequence[GrantKind] | None = None) -> bool:
+                     kinds: Sequence[GrantKind] | None = None, actor: str = "admin") -> bool:
     """Withdraw grants; destroy templates when no biometric grant stays active.
 
     Returns True when the subject's templates were destroyed.
     """
     state.withdraw(consent.id, at, kinds)
-    audit.append("consent.withdrawn", subject_id=consent.subject_id, actor="admin", details={
+    audit.append("consent.withdrawn", subject_id=consent.subject_id, actor=actor, details={
         "consent_id": str(consent.id),
         "kinds": [k.value for k in (kinds or GrantKind)],
         "at": at.isoformat(),
@@ -89,7 +91,7 @@ class EnrollResult:
 
 def enroll(state: StateStore, vault: Vault, audit: AuditLog, engine: FaceEngine,
            subject: Subject, photos: Sequence[Path], *, now: datetime,
-           decode_options: dict | None = None) -> EnrollResult:
+           decode_options: dict | None = None, actor: str = "admin") -> EnrollResult:
     """Store templates from reference photos, each holding exactly one face.
 
     All photos are checked before any template is stored: a refused photo stores nothing.
@@ -114,7 +116,7 @@ def enroll(state: StateStore, vault: Vault, audit: AuditLog, engine: FaceEngine,
     total = vault.add_templates(subject.id, np.concatenate(vectors))
     # A new name can appear only where a face is still unknown or uncertain.
     marked = state.mark_for_analysis(state.assets_with_open_faces())
-    audit.append("subject.enrolled", subject_id=subject.id, actor="admin",
+    audit.append("subject.enrolled", subject_id=subject.id, actor=actor,
                  details={"templates_added": len(vectors), "templates_total": total,
                           "assets_marked": marked})
     return EnrollResult(subject.id, len(vectors), total, marked)

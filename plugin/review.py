@@ -135,7 +135,8 @@ def queue(state: StateStore, *, include_unknown: bool = False) -> list[ReviewIte
     return items
 
 
-def confirm(pipeline: Pipeline, ref: FaceRef, subject: Subject) -> Decision:
+def confirm(pipeline: Pipeline, ref: FaceRef, subject: Subject, *,
+            actor: str = "admin") -> Decision:
     """Name the face as `subject` (any active grant suffices) and re-label its asset."""
     now = pipeline.clock()
     if not _any_grant_active(pipeline.state, subject.id, now):
@@ -144,10 +145,12 @@ def confirm(pipeline: Pipeline, ref: FaceRef, subject: Subject) -> Decision:
             "so the face could not carry the name; record a consent first "
             "(`consentry consents add`)"
         )
-    return _decide(pipeline, ref, FaceState.CONFIRMED, subject.id, reason="review confirmed")
+    return _decide(pipeline, ref, FaceState.CONFIRMED, subject.id, reason="review confirmed",
+                   actor=actor)
 
 
-def reject(pipeline: Pipeline, ref: FaceRef, subject: Subject | None = None) -> Decision:
+def reject(pipeline: Pipeline, ref: FaceRef, subject: Subject | None = None, *,
+           actor: str = "admin") -> Decision:
     """Record that the face is not `subject` (default: its proposed subject or first
     candidate); rescans never propose that match for the face again."""
     row = _face_row(pipeline.state, ref)
@@ -168,11 +171,12 @@ def reject(pipeline: Pipeline, ref: FaceRef, subject: Subject | None = None) -> 
                 "(`consentry review reject FACE SUBJECT`)"
             )
         rejected = uuid.UUID(proposed[0])
-    return _decide(pipeline, ref, FaceState.REJECTED, rejected, reason="review rejected")
+    return _decide(pipeline, ref, FaceState.REJECTED, rejected, reason="review rejected",
+                   actor=actor)
 
 
 def _decide(pipeline: Pipeline, ref: FaceRef, new_state: FaceState, subject_id: uuid.UUID,
-            *, reason: str) -> Decision:
+            *, reason: str, actor: str) -> Decision:
     state, audit = pipeline.state, pipeline.audit
     with state.begin() as conn:
         row = _face_row(state, ref, conn=conn)
@@ -181,7 +185,7 @@ def _decide(pipeline: Pipeline, ref: FaceRef, new_state: FaceState, subject_id: 
             .values(state=new_state.value, subject_id=str(subject_id), candidates=[])
         )
         audit.append(
-            f"review.{new_state.value}", actor="admin", subject_id=subject_id, asset=ref.asset,
+            f"review.{new_state.value}", actor=actor, subject_id=subject_id, asset=ref.asset,
             details={"face": str(ref), "previous_state": row.state,
                      "previous_subject_id": row.subject_id},
             conn=conn,

@@ -39,7 +39,7 @@ from plugin.web.admin import routes as admin_routes
 from plugin.web.app import create_console_app, portal_routes
 from tests.web_client import WebClient, csrf_of, serve
 
-ADMIN, PASSWORD = "admin", "correct horse battery"
+ADMIN, PASSWORD = "officer", "correct horse battery"
 ALICE, BOB = "Alice Aardvark", "Bob Bandicoot"
 
 
@@ -322,10 +322,15 @@ def test_add_person_consent_with_upload_correct_and_withdraw(site):
     bio = next(g for g in app.state.consents(carol.id)[0].grants
                if g.kind is GrantKind.BIOMETRIC)
     assert bio.withdrawn_at is not None
-    actions = [e["action"] for e in app.audit.entries() if e["subject_id"] == str(carol.id)]
+    entries = [e for e in app.audit.entries() if e["subject_id"] == str(carol.id)]
+    actions = [e["action"] for e in entries]
     for expected in ("subject.added", "document.stored", "consent.added", "consent.corrected",
                      "consent.withdrawn"):
         assert expected in actions
+    # Every change is accountable to the admin who made it, not to a generic "admin".
+    changes = ("subject.added", "document.stored", "consent.added", "consent.corrected",
+               "consent.withdrawn")
+    assert {e["actor"] for e in entries if e["action"] in changes} == {ADMIN}
     assert "Caracal" not in json.dumps(list(app.audit.entries()))
 
 

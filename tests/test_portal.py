@@ -287,6 +287,9 @@ def test_withdrawal_link_withdraws_through_the_cli_path(portal, demo_data):
     actions = [e["action"] for e in a.audit.entries()]
     assert "consent.withdrawn" in actions and "templates.destroyed" in actions
     assert "portal.withdrawal" in actions
+    # What the person did through the portal is theirs in the audit log, not an admin's.
+    by = {e["action"]: e["actor"] for e in a.audit.entries() if e["subject_id"] == str(jane.id)}
+    assert by["consent.added"] == by["subject.enrolled"] == by["consent.withdrawn"] == "subject"
     again = other.get(withdraw_path)
     assert "already been withdrawn" in again.text
     bad = other.get(withdraw_path[:-4] + "AAAA")

@@ -175,7 +175,8 @@ async def consent_withdraw(request: Request) -> Response:
     sid, consent = await _consent(request)
     kind = forms.text(request.state.form, "kind", limit=20)
     kinds = [GrantKind(kind)] if kind in {k.value for k in GrantKind} else None
-    destroyed = await in_app(request, ops.withdraw, consent, kinds)
+    destroyed = await in_app(request, lambda app: ops.withdraw(app, consent, kinds,
+                                                             actor=request.state.admin))
     flash(request, "admin.consent.withdrawn_destroyed" if destroyed
           else "admin.consent.withdrawn")
     return redirect(_subject_page(request, sid))

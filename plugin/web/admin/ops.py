@@ -102,7 +102,8 @@ def people_list(app: App, query: str = "") -> list[dict[str, Any]]:
     return rows
 
 
-def add_person(app: App, *, display_name: str, birth_date: str, minor: bool) -> Subject:
+def add_person(app: App, *, display_name: str, birth_date: str, minor: bool,
+               actor: str) -> Subject:
     from datetime import date
 
     name = display_name.strip()
@@ -110,7 +111,8 @@ def add_person(app: App, *, display_name: str, birth_date: str, minor: bool) -> 
         raise ConsentError("a name is required")
     born = date.fromisoformat(birth_date) if birth_date.strip() else None
     return people.add_subject(app.state, app.audit,
-                              Subject(display_name=name[:200], birth_date=born, minor=minor))
+                              Subject(display_name=name[:200], birth_date=born, minor=minor),
+                              actor=actor)
 
 
 def documents_of(app: App, subject_id: uuid.UUID) -> dict[str, dict[str, Any]]:
@@ -207,7 +209,7 @@ def add_consent(app: App, subject_id: uuid.UUID, data: ConsentInput, *, actor: s
                          details={"document": doc_id, "sha256": digest, "size": len(content),
                                   "media_type": media_type})
         consent = consent.model_copy(update={"document_ref": VAULT_PREFIX + doc_id})
-    people.add_consent(app.state, app.audit, consent)
+    people.add_consent(app.state, app.audit, consent, actor=actor)
     apply_change(app, subject_id, reason="consent added")
     return consent
 
@@ -258,10 +260,10 @@ def edit_consent(app: App, consent: Consent, *, actor: str,
     return len(changed)
 
 
-def withdraw(app: App, consent: Consent, kinds: list[GrantKind] | None) -> bool:
+def withdraw(app: App, consent: Consent, kinds: list[GrantKind] | None, *, actor: str) -> bool:
     now = app.pipeline.clock()
     destroyed = people.withdraw_consent(app.state, app.vault, app.audit, consent, at=now,
-                                        now=now, kinds=kinds)
+                                        now=now, kinds=kinds, actor=actor)
     apply_change(app, consent.subject_id, reason="consent withdrawn")
     subject = app.state.subject(consent.subject_id)
     if subject and not standing(subject, app.state.consents(subject.id), now).any_active:

@@ -42,7 +42,8 @@ async def person_new_post(request: Request) -> Response:
               "birth_date": forms.text(form, "birth_date", limit=10),
               "minor": forms.checked(form, "minor")}
     try:
-        subject = await in_app(request, lambda app: ops.add_person(app, **values))
+        subject = await in_app(request, lambda app: ops.add_person(
+            app, **values, actor=request.state.admin))
     except (ConsentryError, ValueError):
         return render(request, "admin/person_new.html",
                       {"values": values, "error": "admin.person.invalid"}, status_code=422)
@@ -139,7 +140,7 @@ async def erase_post(request: Request) -> Response:
         return render(request, "admin/erase.html",
                       {**data, "error": "admin.erase.mismatch"}, status_code=422)
     try:
-        await in_app(request, erasure.erase, sid)
+        await in_app(request, lambda app: erasure.erase(app, sid, actor=request.state.admin))
     except ConsentryError as err:
         log.warning("erasure of subject %s did not finish: %s", sid, type(err).__name__)
         flash(request, "admin.erase.incomplete")

@@ -55,6 +55,8 @@ async def decide(request: Request) -> Response:
     except ValueError as err:
         raise HTTPException(404) from err
 
+    admin = request.state.admin
+
     def run(app):  # type: ignore[no-untyped-def]
         subject = app.state.subject(sid) if sid else None
         if sid and subject is None:
@@ -62,9 +64,9 @@ async def decide(request: Request) -> Response:
         if action == "confirm":
             if subject is None:
                 raise ConsentError("choose the person to confirm")
-            return review.confirm(app.pipeline, ref, subject)
+            return review.confirm(app.pipeline, ref, subject, actor=admin)
         if action == "reject":
-            return review.reject(app.pipeline, ref, subject)
+            return review.reject(app.pipeline, ref, subject, actor=admin)
         raise HTTPException(400)
 
     try:
