@@ -42,6 +42,7 @@ from connectors.nextcloud_api import (
     propfind_body,
     search_body,
 )
+from plugin import crashpoints
 from plugin.errors import AssetError, AuthError, ConfigError, ConnectorError, UnavailableError
 from plugin.http import HttpClient, RetryPolicy, build_session
 from plugin.models import AssetRef, AssetVerdict, Geometry, Status
@@ -324,6 +325,8 @@ class NextcloudConnector:
                         if size > limit:
                             raise AssetError(asset, f"larger than {self.config.max_download_mb} MB")
                         out.write(chunk)
+                        if size == len(chunk):  # crash tests: killed mid-stream, once a file
+                            crashpoints.hit("download")
             except requests.RequestException as err:
                 raise UnavailableError(self.name, f"GET {asset}: {type(err).__name__}") from err
         return response

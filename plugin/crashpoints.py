@@ -3,6 +3,8 @@
 `CONSENTRY_TEST_KILL_AT=point:N` kills the process the Nth time it passes `point` (N defaults
 to 1; each process counts its own passes, so a restarted worker dies again at its Nth). Points:
 
+    download  inside a download, a chunk written to the local file, the rest not yet
+              (Nextcloud connector)
     fetch   an asset was downloaded, nothing analysed yet
     detect  faces detected and matched, nothing written
     write   the platform write is done, the state commit not yet (the worst moment: the
@@ -19,7 +21,7 @@ import signal
 from collections import Counter
 
 KILL_AT_ENV = "CONSENTRY_TEST_KILL_AT"
-POINTS = ("fetch", "detect", "write")
+POINTS = ("download", "fetch", "detect", "write")
 
 _passes: Counter[str] = Counter()
 
