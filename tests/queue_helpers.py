@@ -99,20 +99,25 @@ def nextcloud_setup(tmp_path: Path, demo_data: Path, engine, monkeypatch, *, cou
 
     Vault.open(vault_url or tmp_path / "vault.db", load_kek(key_file=None), create=True).close()
     if enroll:
-        from plugin import people
-        from plugin.app import App
-        from plugin.demo import consent_for
-        from plugin.models import Subject
-
-        with App.open(config) as a:
-            now = a.pipeline.clock()
-            obama = people.add_subject(a.state, a.audit, Subject(display_name="Barack Obama"))
-            people.add_consent(a.state, a.audit,
-                               consent_for("full", obama, now, tmp_path / "quitclaim.txt"))
-            people.enroll(a.state, a.vault, a.audit, a.engine, obama,
-                          [demo_data / "people/Barack_Obama/ref-1.jpg"], now=now,
-                          decode_options=a.pipeline.decode_options)
+        enroll_obama(config, demo_data, tmp_path)
     return fake, config, names
+
+
+def enroll_obama(config: Path, demo_data: Path, tmp_path: Path) -> None:
+    """Barack Obama with full consent (biometric included), enrolled from his reference photo."""
+    from plugin import people
+    from plugin.app import App
+    from plugin.demo import consent_for
+    from plugin.models import Subject
+
+    with App.open(config) as a:
+        now = a.pipeline.clock()
+        obama = people.add_subject(a.state, a.audit, Subject(display_name="Barack Obama"))
+        people.add_consent(a.state, a.audit,
+                           consent_for("full", obama, now, tmp_path / "quitclaim.txt"))
+        people.enroll(a.state, a.vault, a.audit, a.engine, obama,
+                      [demo_data / "people/Barack_Obama/ref-1.jpg"], now=now,
+                      decode_options=a.pipeline.decode_options)
 
 
 def consentry_command() -> list[str]:

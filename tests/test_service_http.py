@@ -415,23 +415,13 @@ def test_real_face_named_through_the_service(fake, make_service, engine, demo_da
                                              monkeypatch):
     """The real engine behind the embedded worker: an enrolled, consenting person's photo
     arrives by webhook and ends `cleared` on the platform."""
-    from plugin import people
-    from plugin.app import App
-    from plugin.demo import consent_for
-    from plugin.models import Subject
+    from tests.queue_helpers import enroll_obama
 
     monkeypatch.setattr("plugin.app.default_engine", lambda settings: engine)
     config = tmp_path / "consentry.toml"
     config.write_text(CONFIG.format(url=fake.url, poll=0))
     new_key(monkeypatch, tmp_path)
-    with App.open(config) as a:
-        now = a.pipeline.clock()
-        obama = people.add_subject(a.state, a.audit, Subject(display_name="Barack Obama"))
-        people.add_consent(a.state, a.audit,
-                           consent_for("full", obama, now, tmp_path / "quitclaim.txt"))
-        people.enroll(a.state, a.vault, a.audit, a.engine, obama,
-                      [demo_data / "people/Barack_Obama/ref-1.jpg"], now=now,
-                      decode_options=a.pipeline.decode_options)
+    enroll_obama(config, demo_data, tmp_path)
     service = make_service(config.read_text(), keep_key=True)
     name = "Photos/Summit/IMG_2043.jpg"
     fake.add_file(name, (demo_data / "library/events/2024-summit/IMG_2043.jpg").read_bytes())
