@@ -417,6 +417,20 @@ def test_erasure_needs_the_typed_name_and_gives_a_receipt(site):
     assert BOB not in receipt.text and BOB not in c.get(f"/admin/erasures/{bob.id}").text
 
 
+def test_an_interrupted_erasure_is_resumed_from_its_page(site):
+    from plugin import erasure
+
+    c = admin_client(site)
+    alice = site["alice"]
+    erasure.start(site["app"], alice.id)  # as if the process died right after starting
+    assert site["app"].state.subject(alice.id) is not None
+    page = f"/admin/erasures/{alice.id}"
+    r = c.post(f"{page}/resume", {"csrf": c.csrf(page)})
+    assert r.status_code == 303 and r.headers["location"] == page
+    assert site["app"].state.subject(alice.id) is None
+    assert erasure.receipt_of(site["app"], alice.id).stage.value == "done"
+
+
 def test_audit_viewer_filters_and_exports_json_lines(site):
     c = admin_client(site)
     sid = str(site["alice"].id)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -139,12 +141,8 @@ async def erase_post(request: Request) -> Response:
     if typed.casefold() != data["subject"].display_name.strip().casefold():
         return render(request, "admin/erase.html",
                       {**data, "error": "admin.erase.mismatch"}, status_code=422)
-    try:
-        await in_app(request, lambda app: erasure.erase(app, sid, actor=request.state.admin))
-    except ConsentryError as err:
-        log.warning("erasure of subject %s did not finish: %s", sid, type(err).__name__)
-        flash(request, "admin.erase.incomplete")
-    return redirect(request.url_for("admin:erasure", sid=sid).path)
+    return await _erase_then_receipt(
+        request, sid, lambda app: erasure.erase(app, sid, actor=request.state.admin))
 
 
 @security.admin_only
@@ -161,8 +159,15 @@ async def erasure_resume(request: Request) -> Response:
     sid = forms.path_uuid(request.path_params["sid"])
     if await in_app(request, erasure.receipt_of, sid) is None:
         raise HTTPException(404)
+    return await _erase_then_receipt(request, sid, lambda app: erasure.run(app, sid))
+
+
+async def _erase_then_receipt(request: Request, sid: uuid.UUID,
+                              work: Callable[[Any], object]) -> Response:
+    """Run (or resume) an erasure, then show its receipt; an interrupted one says so there
+    and can be resumed."""
     try:
-        await in_app(request, erasure.run, sid)
+        await in_app(request, work)
     except ConsentryError as err:
         log.warning("erasure of subject %s did not finish: %s", sid, type(err).__name__)
         flash(request, "admin.erase.incomplete")
