@@ -18,7 +18,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -86,6 +86,20 @@ class Pending:
 class Analysis:
     geometry: Geometry
     faces: tuple[FaceRecord, ...]
+
+
+def _take_finished(window: list[tuple[AssetRef, Pending]]) -> list[tuple[AssetRef, Pending]]:
+    """Remove and return the in-flight assets whose analysis is done, oldest first.
+
+    Waits until at least one is; an asset analysed in this process (no future) is taken at once.
+    """
+    futures = [p.future for _, p in window if p.future is not None]
+    if len(futures) == len(window) and not any(f.done() for f in futures):
+        wait(futures, return_when=FIRST_COMPLETED)
+    finished = [item for item in window if item[1].future is None or item[1].future.done()]
+    taken = {id(item) for item in finished}
+    window[:] = [item for item in window if id(item) not in taken]
+    return finished
 
 
 def carry_decisions(new: Sequence[FaceRecord], old: Sequence[FaceRecord]) -> list[FaceRecord]:
@@ -191,23 +205,27 @@ class Pipeline:
                 on_result(result)
 
         # Up to two photos per worker in flight: the pool decodes and detects the next ones
-        # while this process matches, writes XMP and records the previous one.
-        window: deque[tuple[AssetRef, Pending]] = deque()
+        # while this process matches, writes XMP and records the previous one. Finished
+        # analyses are completed as they come, not in listing order, so a crowd photo that
+        # takes seconds does not leave the other workers idle behind it.
+        window: list[tuple[AssetRef, Pending]] = []
         depth = 2 * self.pool.workers if self.pool else 0
+
+        def complete(items: Sequence[tuple[AssetRef, Pending]]) -> None:
+            for ref, pending in items:
+                done(self._guarded(ref, lambda r=ref, p=pending: self._complete(
+                    connector, r, p, **context)))
+
         for ref in refs:
             prepared = self._guarded(ref, lambda r=ref: self._prepare(connector, r))
             if isinstance(prepared, AssetResult):
                 done(prepared)
                 continue
             window.append((ref, prepared))
-            while len(window) > depth:
-                first, pending = window.popleft()
-                done(self._guarded(first, lambda r=first, p=pending: self._complete(
-                    connector, r, p, **context)))
+            if len(window) > depth:
+                complete(_take_finished(window))
         while window:
-            first, pending = window.popleft()
-            done(self._guarded(first, lambda r=first, p=pending: self._complete(
-                connector, r, p, **context)))
+            complete(_take_finished(window))
         if new_cursor != cursor:  # a job of given refs (service mode) leaves the cursor alone
             self.state.set_cursor(connector_name, new_cursor)
         return results

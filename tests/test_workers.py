@@ -52,3 +52,24 @@ def test_errors_survive_a_trip_through_a_process_boundary():
                 ConfigError("bad", file="c.toml", key="x")):
         back = pickle.loads(pickle.dumps(err))
         assert type(back) is type(err) and str(back) == str(err)
+
+
+def test_a_slow_photo_does_not_hold_back_the_ones_behind_it(tmp_path, demo_data, monkeypatch):
+    # The 24-face collage takes seconds of one worker; the portraits listed after it are
+    # finished by the other worker and completed (written, recorded) before it.
+    lib = tmp_path / "photos"
+    lib.mkdir()
+    shutil.copy(demo_data / "library/events/2024-summit/IMG_2049.jpg", lib / "a-crowd.jpg")
+    portraits = sorted((demo_data / "library/portraits").glob("IMG_33*.jpg"))[:6]
+    for i, p in enumerate(portraits):
+        shutil.copy(p, lib / f"b{i}-{p.name}")
+    config = tmp_path / "consentry.toml"
+    initialise(config, photos=lib)
+    monkeypatch.setenv("CONSENTRY_ENGINE__WORKERS", "2")
+    order: list[str] = []
+    with App.open(config) as a:
+        results = a.pipeline.scan("photos", on_result=lambda r: order.append(r.ref.id))
+        crowd = len(a.state.faces("photos", "a-crowd.jpg"))
+    assert {r.outcome.value for r in results} == {"processed"} and len(order) == 7
+    assert order[0] != "a-crowd.jpg" and order.index("a-crowd.jpg") >= 3
+    assert crowd == 24
