@@ -52,6 +52,8 @@ def strategies(max_side: int) -> dict[str, DetectorSettings]:
         "up0": DetectorSettings(upsample=0, adaptive=False),
         "up1": DetectorSettings(upsample=1, adaptive=False),
         "adaptive-regions": adaptive,
+        "adaptive-regions-empty-full": replace(adaptive, empty_pixels=0),
+        "adaptive-regions-empty-600k": replace(adaptive, empty_pixels=600_000),
         "adaptive-whole": replace(adaptive, second_area="whole"),
         "adaptive-regions-sf80": replace(adaptive, small_face=80),
         "adaptive-regions-sf160": replace(adaptive, small_face=160),

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+from PIL import Image
 
 from plugin.errors import EngineError
 from plugin.imaging import DecodedImage
@@ -52,6 +53,19 @@ class FaceEngine(Protocol):
 
     def detect(self, image: DecodedImage) -> list[Detection]: ...
 
+    def _reduced_pass(self, detector: Any, pixels: np.ndarray) -> list[tuple[Rect, float]]:
+        """The upsampled pass on `pixels` shrunk to `empty_pixels`, boxes mapped back."""
+        height, width = pixels.shape[:2]
+        limit = self.settings.empty_pixels
+        if not limit or height * width <= limit:
+            return self._run(detector, pixels, self.settings.upsample)
+        ratio = (limit / (height * width)) ** 0.5
+        size = (max(1, round(width * ratio)), max(1, round(height * ratio)))
+        small = np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BILINEAR))
+        fx, fy = width / size[0], height / size[1]
+        return [((round(t * fy), round(r * fx), round(b * fy), round(lft * fx)), score)
+                for (t, r, b, lft), score in self._run(detector, small, self.settings.upsample)]
+
     def encode(self, image: DecodedImage, faces: Sequence[Detection]) -> np.ndarray: ...
 
 
@@ -75,6 +89,10 @@ class DetectorSettings:
     - a larger one gets a plain pass first; when that pass finds no face, or a face narrower than
       `small_face` px (small faces come in crowds), a second, upsampled pass follows: on the
       regions around the small faces (`second_area = "regions"`), else on the whole image.
+    - a whole-image second pass after a plain pass that found nothing runs on the image reduced
+      to at most `empty_pixels` (0: full size): most large photos without a face found at full
+      size hold none, and upsampling all of one costs 4x the plain pass (0.5 s at 1,600 px).
+      The reduced pass still finds faces down to 40 px x sqrt(pixels / empty_pixels).
     """
 
     upsample: int = 1
@@ -84,12 +102,14 @@ class DetectorSettings:
     direct_pixels: int = 500_000
     small_face: int = 120
     second_area: str = "regions"
+    empty_pixels: int = 1_000_000
 
     def describe(self) -> str:
         if not self.adaptive or self.upsample == 0:
             return f"hog-up{self.upsample}"
+        bound = f"-e{self.empty_pixels}" if self.empty_pixels else ""
         return (f"hog-a{self.upsample}-{self.direct_pixels}-{self.small_face}"
-                f"-{self.second_area[0]}")
+                f"-{self.second_area[0]}{bound}")
 
 
 class DlibEngine:
@@ -185,13 +205,28 @@ class DlibEngine:
         small = [r for r, _ in first if min(r[1] - r[3], r[2] - r[0]) < s.small_face]
         if first and not small:
             return first
-        if not first or s.second_area == "whole":
+        if not first:
+            return self._reduced_pass(detector, pixels)
+        if s.second_area == "whole":
             return self._run(detector, pixels, s.upsample)
         found = list(first)
         for top, right, bottom, left in small_face_regions(small, height, width):
             crop = np.ascontiguousarray(pixels[top:bottom, left:right])
             found += self._run(detector, crop, s.upsample, offset=(top, left))
         return dedupe(found)
+
+    def _reduced_pass(self, detector: Any, pixels: np.ndarray) -> list[tuple[Rect, float]]:
+        """The upsampled pass on `pixels` shrunk to `empty_pixels`, boxes mapped back."""
+        height, width = pixels.shape[:2]
+        limit = self.settings.empty_pixels
+        if not limit or height * width <= limit:
+            return self._run(detector, pixels, self.settings.upsample)
+        ratio = (limit / (height * width)) ** 0.5
+        size = (max(1, round(width * ratio)), max(1, round(height * ratio)))
+        small = np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BILINEAR))
+        fx, fy = width / size[0], height / size[1]
+        return [((round(t * fy), round(r * fx), round(b * fy), round(lft * fx)), score)
+                for (t, r, b, lft), score in self._run(detector, small, self.settings.upsample)]
 
     def encode(self, image: DecodedImage, faces: Sequence[Detection]) -> np.ndarray:
         import dlib
@@ -262,7 +297,8 @@ def engine_from_settings(engine: Any) -> DlibEngine:
     return DlibEngine(
         DetectorSettings(upsample=engine.upsample, adaptive=engine.adaptive_upsample,
                          direct_pixels=engine.direct_upsample_pixels,
-                         small_face=engine.small_face_px, second_area=engine.second_pass_area),
+                         small_face=engine.small_face_px, second_area=engine.second_pass_area,
+                         empty_pixels=engine.empty_second_pass_pixels),
         jitters=engine.jitters,
         quality=None if off else gates,
     )

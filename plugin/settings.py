@@ -98,6 +98,11 @@ class EngineSettings(_Section):
     second_pass_area: Literal["regions", "whole"] = Field(
         "regions", description="upsampled pass around the small faces found, or everywhere"
     )
+    empty_second_pass_pixels: int = Field(
+        1_000_000, ge=0,
+        description="when the plain pass finds no face, the upsampled pass runs on the image "
+        "reduced to this many pixels (0: full size)",
+    )
     min_face_px: int = Field(40, ge=0, description="smaller faces go to review, not encoded")
     min_detector_score: float = Field(
         0.3, description="HOG score below which a face goes to review, not encoded"

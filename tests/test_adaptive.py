@@ -76,6 +76,42 @@ def test_a_large_photo_without_faces_gets_one_upsampled_look(engine, demo_data, 
     assert passes == 2 and detections == []
 
 
+def test_a_faceless_first_pass_looks_again_on_a_reduced_upsampled_image(engine, demo_data,
+                                                                       manifest, tmp_path):
+    # IMG_5104's six faces shrunk to 45-55 px, too small for the plain pass, on a 1.1 MP
+    # canvas: the upsampled look runs on the image reduced to 1 MP (faces 42-52 px there),
+    # finds all six and maps their boxes back onto the full image.
+    from PIL import Image
+
+    truth = photo(manifest, "IMG_5104")
+    factor, offset = 0.55, (300, 400)  # (top, left) of the photo on the canvas
+    with Image.open(demo_data / truth["path"]) as source:
+        small = source.convert("RGB").resize(
+            (round(source.width * factor), round(source.height * factor)),
+            Image.Resampling.LANCZOS)
+    canvas = Image.new("RGB", (1250, 900), (128, 128, 128))
+    canvas.paste(small, (offset[1], offset[0]))
+    canvas.save(tmp_path / "canvas.jpg", quality=95)
+    moved = {"faces": [{"box": [round(t * factor) + offset[0], round(r * factor) + offset[1],
+                                round(b * factor) + offset[0], round(lf * factor) + offset[1]]}
+                       for t, r, b, lf in (f["box"] for f in truth["faces"])]}
+    image = decode(tmp_path / "canvas.jpg")
+    assert engine.settings.empty_pixels == 1_000_000
+    assert image.pixels.shape[0] * image.pixels.shape[1] > engine.settings.empty_pixels
+
+    plain = DlibEngine(DetectorSettings(upsample=0, adaptive=False))
+    assert plain.detect(image) == []
+    before = engine.detector_passes
+    detections = engine.detect(image)
+    assert engine.detector_passes - before == 2
+    assert len(found(detections, moved)) == len(detections) == 6
+    # Mapped back onto the full image: where the full-size upsampled pass puts them.
+    full = DlibEngine(DetectorSettings(empty_pixels=0)).detect(image)
+    assert len(full) == 6
+    assert all(max(iou(d.box.as_css(), f.box.as_css()) for f in full) >= 0.6
+               for d in detections)
+
+
 def test_adaptive_finds_every_face_that_upsampling_everything_finds(engine, fixed_up1,
                                                                      demo_data, manifest):
     for stem in LARGE:
