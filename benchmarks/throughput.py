@@ -70,19 +70,30 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time a running process has used so far (Linux /proc; 0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def exiftool_cpu_seconds(writer) -> float:
-    """CPU time of the writer's running exiftool processes so far (Linux /proc)."""
+    """CPU time of the writer's running exiftool processes so far."""
     total = 0.0
     for et in getattr(writer, "_all", []):
         process = getattr(et, "_process", None)
-        if process is None or process.poll() is not None:
-            continue
-        try:
-            fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        if process is not None and process.poll() is None:
+            total += process_cpu_seconds(process.pid)
     return total
+
+
+def worker_cpu_seconds(pool) -> float:
+    """CPU time of the analysis pool's worker processes so far (start-up included)."""
+    if pool is None:
+        return 0.0
+    return sum(process_cpu_seconds(pid) for pid in list(pool._executor._processes or {}))
 
 
 def plain_phase(source: Path, work: Path, files: int, limit: int | None) -> dict:
@@ -134,9 +145,16 @@ def consentry_phase(source: Path, work: Path, files: int) -> dict:
         out["engine"] = a.engine.version
         out["workers"] = a.pipeline.pool.workers if a.pipeline.pool else 1
         c0, p0 = calls(a)
+        own0, tool0 = cpu_seconds(), exiftool_cpu_seconds(a.writer)
         start = time.perf_counter()
         scan_app(a, paths=[], out=quiet)
         out["scan_s"] = round(time.perf_counter() - start, 2)
+        # Where the scan's CPU goes, per file: this process (matching, state, audit, XMP
+        # planning), the analysis workers (decode, detect, encode; start-up included), exiftool.
+        cpu = {"main": cpu_seconds() - own0, "workers": worker_cpu_seconds(a.pipeline.pool),
+               "exiftool": exiftool_cpu_seconds(a.writer) - tool0}
+        for part, seconds in cpu.items():
+            out[f"scan_{part}_cpu_ms_per_file"] = round(1000 * seconds / files, 1)
         c1, p1 = calls(a)
         out["scan_detector_calls"], out["scan_detector_passes"] = c1 - c0, p1 - p0
         out["scan_images_per_s"] = round(files / out["scan_s"], 2)
