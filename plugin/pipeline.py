@@ -357,10 +357,11 @@ class Pipeline:
     ) -> list[AssetResult]:
         """Recompute verdicts from stored face records and rewrite what changed.
 
-        A consent change can touch thousands of photos, and a platform write (exiftool: ~8 ms
+        A consent change can touch thousands of photos, and a platform write (exiftool: ~5-8 ms
         of one core per file) is the cost: connectors that allow it (`concurrent_write_back`)
-        get their writes on `write_threads` threads (the XMP writer has one exiftool process
-        per core), while this thread computes verdicts and records the results, up to
+        get `_RELABEL_WRITES_PER_THREAD` writes in flight per write thread (the XMP writer has
+        one exiftool process per core and sends the writes that queue up meanwhile to exiftool
+        as one command), while this thread computes verdicts and records the results, up to
         `_RELABEL_GROUP` assets per transaction with one audit head sync per group. A crash in
         between loses only the records of files already written: the next run finds their
         verdict fingerprint stale, plans the same XMP, and the writer leaves the file alone.
@@ -400,7 +401,7 @@ class Pipeline:
             if len(written_group) >= _RELABEL_GROUP:
                 flush()
 
-        threads = max(1, self.write_threads)
+        threads = max(1, self.write_threads) * _RELABEL_WRITES_PER_THREAD
         window: deque[tuple[AssetRow, AssetVerdict, str, Future[AssetRef]]] = deque()
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="relabel") as pool:
             try:
@@ -454,6 +455,9 @@ class Pipeline:
 
 # Re-labelled assets recorded per state transaction (one audit head sync each).
 _RELABEL_GROUP = 64
+# Concurrent platform writes per write thread when re-labelling: they mostly wait for exiftool,
+# and the writes waiting together share one exiftool command (less of its fixed cost per file).
+_RELABEL_WRITES_PER_THREAD = 4
 
 
 def _preview_scale(preview: Geometry, original: Geometry) -> Callable[[FaceBox], FaceBox]:

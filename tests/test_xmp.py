@@ -828,3 +828,89 @@ def test_regions_land_on_the_faces_for_every_orientation(
         )
         expected = stored_from_upright(mask(upright.size, box), orientation).getbbox()
         assert iou(got, expected) >= 0.95, (orientation, got, expected)
+
+
+# -- concurrent writes share one exiftool command -------------------------------------------
+def _held_writes(writer: XmpWriter, paths: list[Path], change: AssetVerdict,
+                 before_release: Any = None, sidecars: bool = False) -> dict[Path, Any]:
+    """Write `change` to `paths` from one thread each while the writer's only exiftool process
+    is held, so that every export queues up and goes out in one command."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    held = writer._free.get()
+    try:
+        with ThreadPoolExecutor(max_workers=len(paths)) as pool:
+            futures = {p: pool.submit(writer.write, p, change, SUMMIT_GEOMETRY, engine="e",
+                                      sidecar=p.with_suffix(".xmp") if sidecars else None)
+                       for p in paths}
+            deadline = time.monotonic() + 30
+            while len(writer._queued) < len(paths) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(writer._queued) == len(paths)
+            if before_release:
+                before_release()
+            writer._free.put(held)
+            held = None
+            outcome: dict[Path, Any] = {}
+            for p, future in futures.items():
+                try:
+                    outcome[p] = future.result()
+                except MetadataError as err:
+                    outcome[p] = err
+    finally:
+        if held is not None:
+            writer._free.put(held)
+    return outcome
+
+
+@pytest.mark.parametrize("sidecars", [False, True], ids=["embedded", "sidecar"])
+def test_concurrent_writes_share_one_exiftool_command_and_give_the_same_bytes(
+    testdata: Path, tmp_path: Path, sidecars: bool
+):
+    sequential, shared = tmp_path / "sequential", tmp_path / "shared"
+    for folder in (sequential, shared):
+        folder.mkdir()
+    with XmpWriter(processes=1) as writer:
+        for i in range(6):
+            for folder in (sequential, shared):
+                path = folder / f"IMG_{i}.jpg"
+                shutil.copyfile(testdata / SUMMIT, path)
+                writer.write(path, summit_verdict(), SUMMIT_GEOMETRY, engine="e",
+                             sidecar=path.with_suffix(".xmp") if sidecars else None)
+        change = summit_verdict(named=False, status=Status.WITHDRAWN)
+        for path in sorted(sequential.glob("*.jpg")):
+            assert writer.write(path, change, SUMMIT_GEOMETRY, engine="e",
+                                sidecar=path.with_suffix(".xmp") if sidecars else None)
+        commands = writer.counts.get("exiftool_shared_writes", 0)
+        outcome = _held_writes(writer, sorted(shared.glob("*.jpg")), change, sidecars=sidecars)
+        assert writer.counts["exiftool_shared_writes"] == commands + 1
+    assert all(result is True for result in outcome.values())
+    for path in sorted(shared.iterdir()):
+        assert path.read_bytes() == (sequential / path.name).read_bytes(), path.name
+    assert leftovers(shared) == []
+
+
+def test_a_file_failing_in_a_shared_command_fails_alone_and_is_named(
+    testdata: Path, tmp_path: Path
+):
+    paths = []
+    for i in range(4):
+        path = tmp_path / f"IMG_{i}.jpg"
+        shutil.copyfile(testdata / SUMMIT, path)
+        paths.append(path)
+    with XmpWriter(processes=1) as writer:
+        for path in paths:
+            writer.write(path, summit_verdict(), SUMMIT_GEOMETRY, engine="e")
+        bad = paths[2]
+        # read and planned, then broken before exiftool gets to it
+        outcome = _held_writes(writer, paths, summit_verdict(named=False),
+                               before_release=lambda: bad.write_bytes(b"not a photo any more"))
+    assert isinstance(outcome[bad], MetadataError)
+    assert outcome[bad].asset == str(bad) and "exiftool" in outcome[bad].cause
+    assert bad.read_bytes() == b"not a photo any more"
+    for path in paths:
+        if path != bad:
+            assert outcome[path] is True
+            assert "Barack Obama" not in raw_xmp(path)
+    assert leftovers(tmp_path) == []
