@@ -382,8 +382,7 @@ class Pipeline:
             if not written_group:
                 return
             with self.state.begin() as conn:
-                for row, verdict, fingerprint, done in written_group:
-                    self._record_relabel(row, verdict, fingerprint, done.ref, reason, conn)
+                self._record_relabels(written_group, reason, conn)
             self.audit.sync_head()
             group = list(written_group)
             written_group.clear()
@@ -403,11 +402,16 @@ class Pipeline:
 
         threads = max(1, self.write_threads) * _RELABEL_WRITES_PER_THREAD
         window: deque[tuple[AssetRow, AssetVerdict, str, Future[AssetRef]]] = deque()
+        faces: dict[tuple[str, str], list[FaceRecord]] = {}
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="relabel") as pool:
             try:
-                for row in rows:
-                    planned = self._guarded(row.ref, lambda r=row: self._plan_relabel(
-                        r, subjects=subjects, consents=consents, now=now))
+                for i, row in enumerate(rows):
+                    if i % _RELABEL_GROUP == 0:  # face records a group at a time, one query
+                        faces = self.state.faces_of(
+                            [(r.connector, r.asset_id) for r in rows[i:i + _RELABEL_GROUP]])
+                    stored = faces.get((row.connector, row.asset_id), [])
+                    planned = self._guarded(row.ref, lambda r=row, f=stored: self._plan_relabel(
+                        r, f, subjects=subjects, consents=consents, now=now))
                     if isinstance(planned, AssetResult):
                         report(planned)
                         continue
@@ -432,25 +436,27 @@ class Pipeline:
                 raise
         return results
 
-    def _plan_relabel(self, row: AssetRow, *, subjects, consents, now
-                      ) -> AssetResult | tuple[AssetVerdict, str]:
-        faces = self.state.faces(row.connector, row.asset_id)
+    def _plan_relabel(self, row: AssetRow, faces: Sequence[FaceRecord], *, subjects, consents,
+                      now) -> AssetResult | tuple[AssetVerdict, str]:
         verdict = asset_verdict(faces, subjects, consents, now, channels=self.channels)
         fingerprint = self.verdict_fingerprint(verdict)
         if fingerprint == row.verdict_fingerprint:
             return AssetResult(row.ref, Outcome.SKIPPED, "verdict unchanged", verdict.status)
         return verdict, fingerprint
 
-    def _record_relabel(self, row: AssetRow, verdict: AssetVerdict, fingerprint: str,
-                        written: AssetRef, reason: str, conn: Any) -> None:
+    def _record_relabels(self, group: Sequence[tuple[AssetRow, AssetVerdict, str, AssetResult]],
+                         reason: str, conn: Any) -> None:
+        """Record a group of written re-labels: state rows and audit entries, in `conn`."""
         # Our own write is not a change: the processing key follows the new version.
-        self.state.save_written(written, status=verdict.status.value,
-                                verdict_fingerprint=fingerprint, conn=conn,
-                                processing_key=self.processing_key(written)
-                                if row.processing_key else None)
-        self.audit.append("asset.relabelled", asset=f"{row.connector}:{row.asset_id}",
-                          details={"reason": reason, "status": verdict.status.value,
-                                   "previous_status": row.status}, conn=conn)
+        self.state.save_relabelled(
+            [(done.ref, verdict.status.value, fingerprint,
+              self.processing_key(done.ref) if row.processing_key else None)
+             for row, verdict, fingerprint, done in group], conn)
+        self.audit.append_many(
+            [{"action": "asset.relabelled", "asset": f"{row.connector}:{row.asset_id}",
+              "details": {"reason": reason, "status": verdict.status.value,
+                          "previous_status": row.status}}
+             for row, verdict, _, _ in group], conn=conn)
 
 
 # Re-labelled assets recorded per state transaction (one audit head sync each).

@@ -316,16 +316,24 @@ class StateStore:
             rows = conn.execute(t.faces.select().where(
                 t.faces.c.connector == connector, t.faces.c.asset_id == asset_id,
             ).order_by(t.faces.c.idx)).all()
-        return [
-            FaceRecord(
-                box=FaceBox(top=r.top, right=r.right, bottom=r.bottom, left=r.left),
-                state=FaceState(r.state),
-                subject_id=uuid.UUID(r.subject_id) if r.subject_id else None,
-                distance=r.distance,
-                candidates=tuple(uuid.UUID(c) for c in r.candidates),
-            )
-            for r in rows
-        ]
+        return [_face(r) for r in rows]
+
+    def faces_of(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], list[FaceRecord]]:
+        """The face records of many assets in one query, keyed (connector, asset_id).
+
+        Assets without faces are absent. Re-labelling reads them a chunk at a time instead of
+        one query per asset.
+        """
+        found: dict[tuple[str, str], list[FaceRecord]] = {}
+        if not keys:
+            return found
+        with self.engine.connect() as conn:
+            rows = conn.execute(t.faces.select().where(
+                sa.tuple_(t.faces.c.connector, t.faces.c.asset_id).in_([tuple(k) for k in keys])
+            ).order_by(t.faces.c.connector, t.faces.c.asset_id, t.faces.c.idx))
+            for r in rows:
+                found.setdefault((r.connector, r.asset_id), []).append(_face(r))
+        return found
 
     def save_analysis(self, ref: AssetRef, *, geometry: Geometry, faces: Sequence[FaceRecord],
                       processing_key: str, conn: sa.Connection) -> None:
@@ -367,6 +375,32 @@ class StateStore:
         conn.execute(t.faces.update().where(
             t.faces.c.connector == ref.connector, t.faces.c.asset_id == ref.id,
         ).values(region_written=True))
+
+    def save_relabelled(self, items: Sequence[tuple[AssetRef, str, str, str | None]],
+                        conn: sa.Connection) -> None:
+        """`save_written` for many known assets at once: (ref, status, verdict fingerprint,
+        processing key or None to keep it). Two statements per kind of item, not three per
+        asset; an asset forgotten meanwhile stays forgotten."""
+        if not items:
+            return
+        stamp = _ts(now_utc())
+        where = (t.assets.c.connector == sa.bindparam("k_connector"),
+                 t.assets.c.asset_id == sa.bindparam("k_asset"))
+        for with_key in (True, False):
+            params = [
+                {"k_connector": ref.connector, "k_asset": ref.id, "name": ref.name,
+                 "version": ref.version, "fingerprint": ref.fingerprint, "updated_at": stamp,
+                 "status": status, "verdict_fingerprint": fingerprint,
+                 **({"processing_key": key} if with_key else {})}
+                for ref, status, fingerprint, key in items if (key is not None) == with_key
+            ]
+            if params:
+                conn.execute(t.assets.update().where(*where), params)
+        conn.execute(t.faces.update().where(
+            t.faces.c.connector == sa.bindparam("k_connector"),
+            t.faces.c.asset_id == sa.bindparam("k_asset"),
+        ).values(region_written=True), [{"k_connector": ref.connector, "k_asset": ref.id}
+                                        for ref, *_ in items])
 
     def asset_ids(self, connector: str) -> list[str]:
         with self.engine.connect() as conn:
@@ -444,6 +478,16 @@ class StateStore:
                 for name, table in (("subjects", t.subjects), ("consents", t.consents),
                                     ("assets", t.assets), ("faces", t.faces))
             }
+
+
+def _face(r: sa.Row) -> FaceRecord:
+    return FaceRecord(
+        box=FaceBox(top=r.top, right=r.right, bottom=r.bottom, left=r.left),
+        state=FaceState(r.state),
+        subject_id=uuid.UUID(r.subject_id) if r.subject_id else None,
+        distance=r.distance,
+        candidates=tuple(uuid.UUID(c) for c in r.candidates),
+    )
 
 
 def dumps(value: object) -> str:

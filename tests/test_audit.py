@@ -213,6 +213,28 @@ def test_caller_transaction_with_sync(log: AuditLog, engine: sa.Engine, head: Pa
     assert log.verify() == 3
 
 
+def test_a_group_appended_at_once_chains_like_single_appends(log: AuditLog, engine: sa.Engine,
+                                                            head: Path) -> None:
+    fill(log, 2)
+    with log.transaction() as conn:
+        last = log.append_many([{"action": "asset.relabelled", "asset": f"folder:{i}.jpg",
+                                 "details": {"status": "review"}} for i in range(5)], conn=conn)
+        assert log.append_many([], conn=conn) is None
+    assert last == 7 and json.loads(head.read_text())["seq"] == 7
+    assert log.append("scan.done") == 8
+    assert log.verify() == 8
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(audit).order_by(audit.c.seq)).all()
+    assert [r.asset for r in rows[2:7]] == [f"folder:{i}.jpg" for i in range(5)]
+    assert all(b.prev_mac == a.mac for a, b in itertools.pairwise(rows))
+    # A name in one entry refuses the whole group; nothing of it is written.
+    with pytest.raises(ValueError), log.transaction() as conn:
+        log.append_many([{"action": "asset.relabelled"},
+                         {"action": "asset.relabelled", "details": {"name": "Jane Doe"}}],
+                        conn=conn)
+    assert log.verify() == 8
+
+
 def test_rolled_back_append_leaves_a_valid_log(log: AuditLog, engine: sa.Engine) -> None:
     fill(log, 2)
     with pytest.raises(RuntimeError), log.transaction() as conn:
