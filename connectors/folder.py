@@ -96,8 +96,12 @@ class FolderConnector:
                 if not f.startswith(".") and f.lower().endswith(self._suffixes):
                     yield here / f
 
-    def ref_for(self, path: Path) -> AssetRef | None:
-        """The ref of one file, or None when it is gone or outside the root."""
+    def ref_for(self, path: Path, *, just_written: bool = False) -> AssetRef | None:
+        """The ref of one file, or None when it is gone or outside the root.
+
+        `just_written`: our own write just changed it, so no stored version can be current
+        and the content is hashed without asking the state first.
+        """
         if path.is_symlink() and not self._inside_root(path):
             log.warning("skipping %s: symlink pointing outside the library root", path)
             return None
@@ -109,7 +113,8 @@ class FolderConnector:
         if path.is_dir():
             return AssetRef(connector=self.name, id=rel, version="directory", name=rel)
         fingerprint = f"{st.st_size}:{st.st_mtime_ns}"
-        known = self._known.known_version(self.name, rel) if self._known else None
+        known = (self._known.known_version(self.name, rel)
+                 if self._known and not just_written else None)
         if known and known[0] == fingerprint:
             version = known[1]
         else:
@@ -190,7 +195,7 @@ class FolderConnector:
         if not changed or sidecar is not None:
             return ref
         # Our own write changed the file: record its new version so it is not a "change".
-        return self.ref_for(path) or ref
+        return self.ref_for(path, just_written=True) or ref
 
     def close(self) -> None:
         """Nothing to release: the writer belongs to the pipeline."""
