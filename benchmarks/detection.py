@@ -55,6 +55,7 @@ def strategies(max_side: int) -> dict[str, DetectorSettings]:
         "adaptive-regions-empty-full": replace(adaptive, empty_pixels=0),
         "adaptive-regions-empty-600k": replace(adaptive, empty_pixels=600_000),
         "adaptive-whole": replace(adaptive, second_area="whole"),
+        "adaptive-regions-sf120-reach3": replace(adaptive, small_face=120, reach=3.0),
         "adaptive-regions-sf80": replace(adaptive, small_face=80),
         "adaptive-regions-sf160": replace(adaptive, small_face=160),
     }

@@ -93,10 +93,14 @@ class EngineSettings(_Section):
         500_000, ge=0, description="analysed images up to this size get the upsampled pass at once"
     )
     small_face_px: int = Field(
-        120, ge=0, description="a face found narrower than this triggers the upsampled pass"
+        100, ge=0, description="a face found narrower than this triggers the upsampled pass"
     )
     second_pass_area: Literal["regions", "whole"] = Field(
         "regions", description="upsampled pass around the small faces found, or everywhere"
+    )
+    second_pass_reach: float = Field(
+        2.0, gt=0, le=10, description="the upsampled regions reach this many face sizes "
+        "around each small face found"
     )
     empty_second_pass_pixels: int = Field(
         1_000_000, ge=0,

@@ -62,7 +62,7 @@ def test_small_photo_gets_the_upsampled_pass_directly(engine, demo_data, manifes
 
 def test_small_faces_found_in_a_large_photo_trigger_the_region_pass(engine, demo_data,
                                                                    manifest):
-    truth = photo(manifest, "IMG_2049")  # collage, 24 faces, several under 120 px decoded
+    truth = photo(manifest, "IMG_2049")  # collage, 24 faces, several under 100 px decoded
     detections, passes = run(engine, demo_data, truth)
     assert passes >= 2
     assert len(found(detections, truth)) == 24
@@ -126,7 +126,7 @@ def test_adaptive_finds_every_face_that_upsampling_everything_finds(engine, fixe
 def test_regions_around_small_faces_merge_and_stay_inside_the_image():
     # Two neighbours merge into one area; a far face keeps its own; clipped to the image.
     faces = [(100, 160, 150, 110), (100, 260, 150, 210), (700, 1560, 750, 1510)]
-    regions = small_face_regions(faces, 800, 1600)
+    regions = small_face_regions(faces, 800, 1600, reach=3.0)
     assert len(regions) == 2
     top, right, bottom, left = regions[0]
     assert (top, left) == (0, 0) and right == 260 + 150 and bottom == 150 + 150
