@@ -53,19 +53,6 @@ class FaceEngine(Protocol):
 
     def detect(self, image: DecodedImage) -> list[Detection]: ...
 
-    def _reduced_pass(self, detector: Any, pixels: np.ndarray) -> list[tuple[Rect, float]]:
-        """The upsampled pass on `pixels` shrunk to `empty_pixels`, boxes mapped back."""
-        height, width = pixels.shape[:2]
-        limit = self.settings.empty_pixels
-        if not limit or height * width <= limit:
-            return self._run(detector, pixels, self.settings.upsample)
-        ratio = (limit / (height * width)) ** 0.5
-        size = (max(1, round(width * ratio)), max(1, round(height * ratio)))
-        small = np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BILINEAR))
-        fx, fy = width / size[0], height / size[1]
-        return [((round(t * fy), round(r * fx), round(b * fy), round(lft * fx)), score)
-                for (t, r, b, lft), score in self._run(detector, small, self.settings.upsample)]
-
     def encode(self, image: DecodedImage, faces: Sequence[Detection]) -> np.ndarray: ...
 
 
