@@ -17,10 +17,12 @@ Uploaded selfies stay in memory and a private temporary file for the face check 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from datetime import datetime, timedelta
 
@@ -63,9 +65,26 @@ def _date(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%d") if value else "-"
 
 
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
 def _refused(request: Request, err: InvitationError) -> Response:
     return render(request, "portal/refused.html", {"reason": err.reason},
                   status_code=_REFUSED_STATUS.get(err.reason, 400))
+
+
+def _refusing(endpoint: Endpoint) -> Endpoint:
+    """A portal page whose link is refused (expired, tampered, used, other key) shows the
+    refusal page, wherever in the page the invitation or receipt turns out refused."""
+
+    @functools.wraps(endpoint)
+    async def page(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except InvitationError as err:
+            return _refused(request, err)
+
+    return page
 
 
 def _portal_lang(request: Request, default: str) -> str:
@@ -104,12 +123,10 @@ def _form_context(view: dict, lang: str, *, chosen=None, error: str | None = Non
     }
 
 
+@_refusing
 async def invite(request: Request) -> Response:
     token = request.path_params["token"]
-    try:
-        view = await in_app(request, _invite_view, token)
-    except InvitationError as err:
-        return _refused(request, err)
+    view = await in_app(request, _invite_view, token)
     lang = _portal_lang(request, view["inv"].lang)
     return render(request, "portal/invite.html", _form_context(view, lang))
 
@@ -135,12 +152,10 @@ async def _read_form(request: Request, limit: int) -> FormData:
         raise HTTPException(400, err.message) from err
 
 
+@_refusing
 async def invite_post(request: Request) -> Response:
     token = request.path_params["token"]
-    try:
-        view = await in_app(request, _invite_view, token)
-    except InvitationError as err:
-        return _refused(request, err)
+    view = await in_app(request, _invite_view, token)
     inv = view["inv"]
     lang = _portal_lang(request, inv.lang)
     form = await _read_form(request, view["max_bytes"])
@@ -170,8 +185,6 @@ async def invite_post(request: Request) -> Response:
     try:
         receipt = await in_app(request, invitations.accept, token, answer, selfie=selfie,
                                statement_sha256=statement_sha256(lang), lang=lang)
-    except InvitationError as err:
-        return _refused(request, err)
     except AnswerError as err:
         message = i18n.t(lang, err.key, **err.values)
         return render(request, "portal/invite.html", _form_context(
@@ -209,12 +222,10 @@ def _receipt_context(lang: str, *, receipt, consent, inv, name: str, outcome=Non
     }
 
 
+@_refusing
 async def receipt(request: Request) -> Response:
     token = request.path_params["token"]
-    try:
-        data = await in_app(request, _withdrawal_view, token)
-    except InvitationError as err:
-        return _refused(request, err)
+    data = await in_app(request, _withdrawal_view, token)
     view = data["view"]
     lang = request_lang(request)
     outcome = request.session.get("portal") or {}
@@ -227,24 +238,20 @@ async def receipt(request: Request) -> Response:
         outcome=outcome, withdraw_url=invitations.absolute(base, path)))
 
 
+@_refusing
 async def withdraw(request: Request) -> Response:
     token = request.path_params["token"]
-    try:
-        data = await in_app(request, _withdrawal_view, token)
-    except InvitationError as err:
-        return _refused(request, err)
+    data = await in_app(request, _withdrawal_view, token)
     view = data["view"]
     return render(request, "portal/withdraw.html", {
         "name": view.subject.display_name, "signed": _date(view.consent.signed_at),
         "active": view.active, "error": None})
 
 
+@_refusing
 async def withdraw_post(request: Request) -> Response:
     token = request.path_params["token"]
-    try:
-        data = await in_app(request, _withdrawal_view, token)
-    except InvitationError as err:
-        return _refused(request, err)
+    data = await in_app(request, _withdrawal_view, token)
     view = data["view"]
     lang = request_lang(request)
     context = {"name": view.subject.display_name, "signed": _date(view.consent.signed_at),
