@@ -20,13 +20,15 @@ import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import jsonschema
 from PIL import Image, ImageOps
+
+from tests.fakes.local import LoopbackServer
 
 OPENAPI = Path(__file__).resolve().parents[3] / "shared" / "api" / "immich-openapi.json"
 ALL = frozenset({"all"})
@@ -79,7 +81,7 @@ class OpenApi:
         return out
 
 
-class FakeImmichServer:
+class FakeImmichServer(LoopbackServer):
     def __init__(self, *, keys: dict[str, frozenset[str]] | None = None,
                  preview_side: int = 640, openapi: OpenApi | None = None) -> None:
         self.keys = keys if keys is not None else {"good-key": ALL}
@@ -115,14 +117,7 @@ class FakeImmichServer:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._listen(Handler)
 
     # -- test helpers ------------------------------------------------------------------------
     def tick(self) -> datetime:

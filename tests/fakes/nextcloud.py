@@ -24,12 +24,14 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import formatdate
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 from xml.sax.saxutils import escape
 
 from defusedxml import ElementTree
 from PIL import Image, ImageOps
+
+from tests.fakes.local import LoopbackServer
 
 D, OC, NC = "DAV:", "http://owncloud.org/ns", "http://nextcloud.org/ns"
 SEARCHDAV = "https://github.com/icewind1991/SearchDAV/ns"
@@ -74,7 +76,7 @@ class Knobs:
     before_put: dict[str, bytes] = field(default_factory=dict)
 
 
-class FakeNextcloudServer:
+class FakeNextcloudServer(LoopbackServer):
     def __init__(self, user: str = "admin", password: str = "app-secret-0001",
                  folders: tuple[str, ...] = ("Photos",), *, seed: int = 7) -> None:
         self.user, self.password = user, password
@@ -115,16 +117,7 @@ class FakeNextcloudServer:
             def log_message(self, *args):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever,
-                                       kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._listen(Handler)
 
     # -- state helpers (what another client would do) ---------------------------------
     def advance(self, seconds: float) -> None:

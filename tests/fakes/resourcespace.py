@@ -20,11 +20,13 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from PIL import Image, ImageOps
+
+from tests.fakes.local import LoopbackServer
 
 LOGIN_PAGE = b"<!DOCTYPE html><html><head><title>ResourceSpace</title></head><body>" \
              b"<form id='loginform'>Username Password</form></body></html>"
@@ -45,7 +47,7 @@ class Resource:
     fields: dict[int, Any] = field(default_factory=dict)  # text, or a list of node ids
 
 
-class FakeResourceSpaceServer:
+class FakeResourceSpaceServer(LoopbackServer):
     def __init__(self, *, users: dict[str, tuple[str, bool]] | None = None,
                  legacy_auth: bool = False, sizes_with_dimensions: bool = True,
                  seed: int = 7) -> None:
@@ -96,14 +98,7 @@ class FakeResourceSpaceServer:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._listen(Handler)
 
     # -- test helpers --------------------------------------------------------------------------
     def _next_id(self) -> int:
