@@ -327,18 +327,32 @@ class ImmichConnector:
             return
         current = {f["id"]: f for f in self._faces_of(ref.id)}
         kept: list[dict[str, Any]] = []
-        for record in ours:
+        # Records not looked at yet: if a call fails midway, they and every face written so far
+        # are still recorded (finally), so nothing Consentry made in Immich is forgotten.
+        pending = list(ours)
+        try:
+            self._reconcile(ref, wanted, current, kept, pending, width, height)
+        finally:
+            if kept or pending or ours:
+                links.set_faces(self.name, ref.id, kept + pending)
+
+    def _reconcile(self, ref: AssetRef, wanted: list[tuple[FaceBox, str, str]],
+                   current: dict[str, dict[str, Any]], kept: list[dict[str, Any]],
+                   pending: list[dict[str, Any]], width: int, height: int) -> None:
+        """Release our faces no longer wanted, then put each wanted face in place; `kept`
+        grows and `pending` shrinks as each step is done in Immich."""
+        while pending:
+            record = pending[0]
             face = current.get(record["id"])
-            if face is None:
-                continue  # deleted in Immich by someone: not ours to bring back
-            box = _box_in(face, width, height)
-            still = any(s == record["subject"] and box.iou(b) >= SAME_FACE_IOU
-                        for b, s, _ in wanted)
-            if still:
-                kept.append(record)
-            else:
-                self._release(record)
-                current.pop(record["id"], None)
+            if face is not None:  # else deleted in Immich by someone: not ours to bring back
+                box = _box_in(face, width, height)
+                if any(s == record["subject"] and box.iou(b) >= SAME_FACE_IOU
+                       for b, s, _ in wanted):
+                    kept.append(record)
+                else:
+                    self._release(record)
+                    current.pop(record["id"], None)
+            pending.pop(0)
         for box, subject, name in wanted:
             person = self._person_for(subject, name)
             mine = {r["id"] for r in kept}
@@ -366,8 +380,6 @@ class ImmichConnector:
             current[created["id"]] = created
             kept.append({"id": created["id"], "subject": subject, "created": True,
                          "previous": None})
-        if kept or ours:
-            links.set_faces(self.name, ref.id, kept)
 
     def _create_face(self, asset_id: str, person: str, box: FaceBox, width: int,
                      height: int) -> dict[str, Any]:

@@ -228,6 +228,30 @@ def test_withdrawal_removes_created_faces_only_and_erasure_deletes_the_person(fa
                                          "people_deleted": 0}
 
 
+def test_a_write_failing_midway_keeps_the_faces_already_made(fake, tmp_path, state):
+    # Two people; Immich refuses the second face. The first was made: it must stay ours, so a
+    # withdrawal later still removes it (a forgotten face would keep the name in Immich).
+    asset = fake.add_asset(jpeg())
+    other = uuid.UUID("22222222-2222-4222-8222-222222222222")
+    second = FaceBox(top=400, right=700, bottom=600, left=500)
+    both = AssetVerdict(status=Status.CLEARED, model_release=ModelRelease.UNLIMITED, faces=(
+        FaceVerdict(box=BOX, status=Status.CLEARED, subject_id=SUBJECT, name="Jane Doe"),
+        FaceVerdict(box=second, status=Status.CLEARED, subject_id=other, name="John Roe")))
+    c = make(fake, tmp_path)
+    ref = c.changes(None)[0][0]
+    fake.fail_on[("POST", "/api/faces")] = [0, 400]
+    with pytest.raises(AssetError, match="HTTP 400"):
+        c.write_back(ref, both, GEO)
+    (made,) = fake.faces_of(asset)
+    assert [(r["id"], r["subject"], r["created"]) for r in StateLinks.of(state).faces(
+        "immich", asset)] == [(made["id"], str(SUBJECT), True)]
+
+    c.write_back(ref, both, GEO)  # the retry completes without a duplicate
+    assert len(fake.faces_of(asset)) == 2
+    c.write_back(ref, verdict(Status.WITHDRAWN, named=False), GEO)
+    assert fake.faces_of(asset) == []
+
+
 def test_face_at_the_same_place_is_reassigned_not_duplicated(fake, tmp_path):
     asset = fake.add_asset(jpeg())
     cluster = fake.add_person("")  # an unnamed machine-learning cluster

@@ -5,7 +5,8 @@ does), page-number paging of `POST /api/search/metadata` ordered by creation dat
 empty body on `POST /api/faces`, tag upserts by path, and `updatedAt` bumps on tag writes (not on
 face writes). Every request is checked against `immich-openapi.json` (path, method, query names,
 body schema); problems land in `invalid`. Knobs: `fail_next` (statuses to answer next; 0 =
-answer normally), `fail_rate` (random 503s), `retry_after`, `delay` (seconds before answering).
+answer normally), `fail_on` (the same, per (method, path)), `fail_rate` (random 503s),
+`retry_after`, `delay` (seconds before answering).
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class FakeImmichServer(LoopbackServer):
         self.log: list[tuple[str, str]] = []
         self.invalid: list[str] = []
         self.fail_next: list[int] = []
+        self.fail_on: dict[tuple[str, str], list[int]] = {}
         self.fail_rate = 0.0
         self.faults = 0
         self.retry_after = "0"
@@ -189,6 +191,9 @@ class FakeImmichServer(LoopbackServer):
             self.log.append((h.command, parts.path))
             self.invalid += self.openapi.problems(h.command, parts.path, query, body)
             fault = self.fail_next.pop(0) if self.fail_next else None
+            planned = self.fail_on.get((h.command, parts.path))
+            if fault is None and planned:
+                fault = planned.pop(0)
             if fault == 0:  # 0 in fail_next: answer this one normally
                 fault = None
             elif fault is None and self.fail_rate and self.random.random() < self.fail_rate:
