@@ -647,6 +647,16 @@ def partition_setups(people: dict[str, list[str]], k: int, draw: int, size: int
     return setups
 
 
+REF_PREFIX = "ref:"  # vecs[REF_PREFIX + key]: the image encoded as a reference (--ref-jitters)
+
+
+def ref_vector(vecs: dict[str, np.ndarray], key: str) -> np.ndarray:
+    """The image's vector as an enrolled reference: its --ref-jitters encoding when loaded,
+    else the probe encoding."""
+    ref = vecs.get(REF_PREFIX + key)
+    return vecs[key] if ref is None else ref
+
+
 TEMPLATE_VARIANT = {"nearest": "min", "mean": "mean-template"}  # --templates -> variant
 VARIANTS = {
     "min": "nearest of the k templates (Matcher as shipped)",
@@ -663,7 +673,7 @@ def matcher_for(setup: IdentSetup, vecs: dict[str, np.ndarray], mean_templates: 
     ids = [uuid.UUID(int=i + 1) for i in range(len(setup.subjects))]
     sid, rows = [], []
     for i, name in enumerate(setup.subjects):
-        refs = np.stack([vecs[r] for r in setup.ref_keys[name]])
+        refs = np.stack([ref_vector(vecs, r) for r in setup.ref_keys[name]])
         if mean_templates:
             refs = refs.mean(axis=0, keepdims=True)
         for row in refs:
@@ -681,7 +691,8 @@ def subject_distances(setup: IdentSetup, vecs: dict[str, np.ndarray], variant: s
         # Matcher orders subjects by uuid int; ids are 1..N in subject order: columns align.
         return matcher.subject_distances(probes)
     k = setup.k
-    templates = np.stack([vecs[r] for n in setup.subjects for r in setup.ref_keys[n]])
+    templates = np.stack([ref_vector(vecs, r) for n in setup.subjects
+                          for r in setup.ref_keys[n]])
     sq = ((probes.astype(np.float64) ** 2).sum(1)[:, None]
           + (templates.astype(np.float64) ** 2).sum(1)[None, :]
           - 2.0 * probes.astype(np.float64) @ templates.astype(np.float64).T)
@@ -847,10 +858,21 @@ def run_identify(args: argparse.Namespace) -> dict[str, Any]:
         print(f"--people {args.people}: {len(only)} people, {len(paths)} images")
     cache = EncodingCache.load(args.cache, engine_version(args.jitters))
     vecs, nf, stats = encode_all(paths, cache, args.workers, args.jitters)
+    if args.ref_jitters != args.jitters:  # references jittered alone (enrollment-time cost)
+        count: dict[str, int] = defaultdict(int)
+        for path in paths:
+            count[path.parent.name] += 1
+        # Only people with 2+ images are ever enrolled (k references + at least one probe).
+        ref_paths = [path for path in paths if count[path.parent.name] > 1]
+        ref_cache = EncodingCache.load(default_cache(args.ref_jitters),
+                                       engine_version(args.ref_jitters))
+        refs, _, _ = encode_all(ref_paths, ref_cache, args.workers, args.ref_jitters)
+        vecs.update({REF_PREFIX + k: v for k, v in refs.items()})
     exclude = {} if args.keep_label_errors else LABEL_ERRORS
     people, no_face, excluded = load_people(images, vecs, nf, exclude, only)
     print(f"\n== Identification on {images}: {len(paths)} images of "
-          f"{len({p.parent.name for p in paths})} people; engine {cache.engine}; templates: "
+          f"{len({p.parent.name for p in paths})} people; engine {cache.engine}; references "
+          f"jitters {args.ref_jitters}; templates: "
           f"{args.templates} ({VARIANTS[main]}) ==")
     print_encode_stats(stats, nf, args.workers)
     print(f"not used: {no_face} images without a detected face (a scan has nothing to name "
@@ -1152,6 +1174,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     manifest = json.loads((demo / "manifest.json").read_text(encoding="utf-8"))
     settings = MatchSettings(args.threshold, args.margin, args.review_threshold)
     engine = accuracy_engine(args.jitters)
+    ref_engine = accuracy_engine(args.ref_jitters)
     start = time.perf_counter()
     enrolled = args.enroll
     ids = {name: uuid.UUID(int=i + 1) for i, name in enumerate(enrolled)}
@@ -1165,7 +1188,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             if len(dets) != 1:
                 raise SystemExit(f"{ref}: {len(dets)} faces detected, enrollment needs exactly 1")
             sid.append(ids[name])
-            rows.append(engine.encode(img, dets)[0])
+            rows.append(ref_engine.encode(img, dets)[0])
     if args.templates == "mean":  # one averaged template per person (lfw-dev alternative)
         sid, rows = list(ids.values()), [
             np.mean([r for s_, r in zip(sid, rows, strict=True) if s_ == u], axis=0)
@@ -1173,7 +1196,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     matcher = Matcher(sid, np.stack(rows), settings)
     print(f"\n== Demo check (final check, not tuned on): threshold {settings.threshold:.2f}, "
           f"margin {settings.margin:.2f}, review_threshold {settings.review_threshold:.2f}; "
-          f"templates: {args.templates}; enrolled {', '.join(enrolled)} ==")
+          f"templates: {args.templates}; jitters {args.jitters}, references "
+          f"{args.ref_jitters}; enrolled {', '.join(enrolled)} ==")
     target = {"named": 0, "uncertain": 0, "unknown": 0, "missed": 0, "total": 0}
     wrong: list[str] = []
     stranger_close: list[str] = []
@@ -1246,7 +1270,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "--jitters 1, out/encodings_j<N>.npz otherwise); 'none' disables")
     p.add_argument("--jitters", type=int, default=1,
                    help="DlibEngine(jitters=N): dlib averages N jittered chips per face "
-                   "(~67 ms x N per face); used for every image, references and probes")
+                   "(~67 ms x N per face); used for probes, and for references unless "
+                   "--ref-jitters says otherwise")
+    p.add_argument("--ref-jitters", type=int, default=None,
+                   help="jitters of the enrolled reference photos only (identify and demo "
+                   "modes; an enrollment-time cost); default: --jitters")
     p.add_argument("--workers", type=int, default=2, help="encoding processes (max 2 here)")
     p.add_argument("--t-min", type=float, default=0.30, help="pairs: lowest threshold")
     p.add_argument("--t-max", type=float, default=0.65, help="pairs: highest threshold")
@@ -1297,8 +1325,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.workers < 1:
         raise SystemExit("--workers must be >= 1")
-    if args.jitters < 1:
-        raise SystemExit("--jitters must be >= 1")
+    if args.ref_jitters is None:
+        args.ref_jitters = args.jitters
+    if args.jitters < 1 or args.ref_jitters < 1:
+        raise SystemExit("--jitters and --ref-jitters must be >= 1")
     if args.cache is None:
         args.cache = default_cache(args.jitters)
     elif str(args.cache).lower() == "none":
