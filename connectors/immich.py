@@ -333,7 +333,7 @@ class ImmichConnector:
         try:
             self._reconcile(ref, wanted, current, kept, pending, width, height)
         finally:
-            if kept or pending or ours:
+            if kept or ours:
                 links.set_faces(self.name, ref.id, kept + pending)
 
     def _reconcile(self, ref: AssetRef, wanted: list[tuple[FaceBox, str, str]],
