@@ -66,9 +66,13 @@ def review_confirm(
     with _guard(), open_app() as a:
         ref = review.FaceRef.parse(face)
         target = a.state.resolve_subject(subject)
-        decision = review.confirm(a.pipeline, ref, target)
+        decision = review.confirm(a.pipeline, ref, target,
+                                  learn=a.settings.matching.learn_from_review)
         console.print(f"confirmed {ref} as {target.display_name} ({target.id})",
                       highlight=False, markup=False)
+        if decision.learned is not None:
+            console.print(f"template: {decision.learned.reason} "
+                          f"({decision.learned.templates} in all)", highlight=False, markup=False)
         code = _relabelled(decision)
     raise typer.Exit(code)
 

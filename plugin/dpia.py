@@ -207,7 +207,10 @@ def _stores(facts: Facts, a: App, connectors: Sequence[Mapping[str, Any]],
 def _retention(facts: Facts, s: Settings) -> None:
     facts.retention += [
         "Face templates: only while the subject has an active biometric grant; destroyed on "
-        "withdrawal, at expiry by `consentry sweep`, and on erasure.",
+        "withdrawal, at expiry by `consentry sweep`, and on erasure."
+        + (" Besides reference photos, faces a reviewer confirmed become templates "
+           "(`matching.learn_from_review`, at most 3 a person)."
+           if s.matching.learn_from_review else ""),
         "Vectors of unknown faces: never stored (only the face's box and state).",
         "Subjects, consents and face records: until the subject is erased "
         "(`consentry subjects erase`); face records follow the photo.",
@@ -236,6 +239,8 @@ def _thresholds(facts: Facts, s: Settings) -> None:
         ("matching.margin", f"{m.margin}", f"{d.margin}"),
         ("matching.review_threshold", f"{m.review_threshold}", f"{d.review_threshold}"),
         ("matching.templates", m.templates, d.templates),
+        ("matching.learn_from_review", str(m.learn_from_review).lower(),
+         str(d.learn_from_review).lower()),
         ("policy.channels", ", ".join(s.policy.channels), "internal … advertising"),
         ("policy version", POLICY_VERSION, POLICY_VERSION),
         ("engine", facts.engine, "-"),

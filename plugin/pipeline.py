@@ -317,7 +317,7 @@ class Pipeline:
         detections = raw.detections
         matches = raw.matches(matcher)  # quality-gated faces: UNCERTAIN, never named
         geometry = fetched.original or raw.geometry
-        to_original = _preview_scale(raw.geometry, geometry)
+        to_original = preview_scale(raw.geometry, geometry)
         faces = tuple(
             FaceRecord(box=to_original(d.box), state=m.state, subject_id=m.subject_id,
                        distance=None if m.distance is None else round(m.distance, 4),
@@ -466,7 +466,7 @@ _RELABEL_GROUP = 64
 _RELABEL_WRITES_PER_THREAD = 4
 
 
-def _preview_scale(preview: Geometry, original: Geometry) -> Callable[[FaceBox], FaceBox]:
+def preview_scale(preview: Geometry, original: Geometry) -> Callable[[FaceBox], FaceBox]:
     """Map a box on the (upright) preview onto the original's displayed grid.
 
     Previews from DAMs are rendered upright, so their displayed grid is the original's

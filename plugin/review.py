@@ -10,6 +10,9 @@ face's position in its asset's stored records. A decision rewrites that record o
 - **reject** sets state `rejected` and keeps the rejected subject in `subject_id`, so a rescan
   (`pipeline.carry_decisions`) never proposes that match for that face again.
 
+With `matching.learn_from_review` on, a confirmed face of a person with an active biometric
+grant also becomes one more of their templates (plugin/learning.py).
+
 Each decision is one audit entry (subject id, asset, face reference; never a name) in the same
 transaction as the change, and the asset is re-labelled at once from its stored face records:
 no download, no detection.
@@ -17,6 +20,7 @@ no download, no detection.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from dataclasses import dataclass
@@ -26,6 +30,7 @@ import sqlalchemy as sa
 
 from plugin import schema as t
 from plugin.errors import ConsentError
+from plugin.learning import Learned, learn_confirmed_face
 from plugin.models import FaceBox, FaceState, Subject
 from plugin.pipeline import AssetResult, Pipeline
 from plugin.state import StateStore
@@ -100,6 +105,7 @@ class Decision:
     subject_id: uuid.UUID
     previous_state: FaceState
     relabel: AssetResult | None
+    learned: Learned | None = None  # confirm with learning on: what happened to the template
 
 
 def queue(state: StateStore, *, include_unknown: bool = False) -> list[ReviewItem]:
@@ -136,8 +142,9 @@ def queue(state: StateStore, *, include_unknown: bool = False) -> list[ReviewIte
 
 
 def confirm(pipeline: Pipeline, ref: FaceRef, subject: Subject, *,
-            actor: str = "admin") -> Decision:
-    """Name the face as `subject` (any active grant suffices) and re-label its asset."""
+            actor: str = "admin", learn: bool = False) -> Decision:
+    """Name the face as `subject` (any active grant suffices) and re-label its asset; with
+    `learn`, also keep the face as a template of the subject (plugin/learning.py)."""
     now = pipeline.clock()
     if not _any_grant_active(pipeline.state, subject.id, now):
         raise ConsentError(
@@ -145,8 +152,16 @@ def confirm(pipeline: Pipeline, ref: FaceRef, subject: Subject, *,
             "so the face could not carry the name; record a consent first "
             "(`consentry consents add`)"
         )
-    return _decide(pipeline, ref, FaceState.CONFIRMED, subject.id, reason="review confirmed",
-                   actor=actor)
+    box = _face_row(pipeline.state, ref)
+    decision = _decide(pipeline, ref, FaceState.CONFIRMED, subject.id,
+                       reason="review confirmed", actor=actor)
+    if not learn:
+        return decision
+    learned = learn_confirmed_face(
+        pipeline, ref.connector, ref.asset_id,
+        FaceBox(top=box.top, right=box.right, bottom=box.bottom, left=box.left), subject,
+        actor=actor)
+    return dataclasses.replace(decision, learned=learned)
 
 
 def reject(pipeline: Pipeline, ref: FaceRef, subject: Subject | None = None, *,

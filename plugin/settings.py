@@ -80,6 +80,10 @@ class MatchingSettings(_Section):
     templates: Literal["nearest", "mean"] = Field(
         "nearest", description="compare with each reference photo, or with their mean"
     )
+    learn_from_review: bool = Field(
+        False, description="a face a reviewer confirms becomes one more template of the person "
+        "(biometric consent only; at most 3 templates a person)",
+    )
 
 
 class EngineSettings(_Section):

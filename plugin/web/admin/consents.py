@@ -113,7 +113,8 @@ async def _confirm_face(request: Request, face: str, sid: uuid.UUID) -> None:
 
         def run(app):  # type: ignore[no-untyped-def]
             subject = app.state.subject(sid)
-            return confirm(app.pipeline, ref, subject)
+            return confirm(app.pipeline, ref, subject,
+                           learn=app.settings.matching.learn_from_review)
 
         await in_app(request, run)
         flash(request, "admin.review.confirmed")

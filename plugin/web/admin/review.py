@@ -64,7 +64,8 @@ async def decide(request: Request) -> Response:
         if action == "confirm":
             if subject is None:
                 raise ConsentError("choose the person to confirm")
-            return review.confirm(app.pipeline, ref, subject, actor=admin)
+            return review.confirm(app.pipeline, ref, subject, actor=admin,
+                                  learn=app.settings.matching.learn_from_review)
         if action == "reject":
             return review.reject(app.pipeline, ref, subject, actor=admin)
         raise HTTPException(400)
