@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 MAX_TEMPLATES = 3
 # The confirmed face is found again among the detections by its box.
 SAME_FACE_IOU = 0.5
+# A face confirmed twice (or a library copy of a reference photo) adds nothing new.
+SAME_VECTOR = 1e-3
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +54,8 @@ def learn_confirmed_face(pipeline: Pipeline, connector: str, asset_id: str, box:
     state, vault, audit = pipeline.state, pipeline.vault, pipeline.audit
     if not has_active_biometric(state.consents(subject.id), pipeline.clock()):
         return Learned(False, "no active biometric consent: no template may exist", 0)
-    held = len(vault.templates(subject.id))
+    current = vault.templates(subject.id)
+    held = len(current)
     if held >= MAX_TEMPLATES:
         return Learned(False, f"the person already has {held} templates", held)
     try:
@@ -62,6 +65,8 @@ def learn_confirmed_face(pipeline: Pipeline, connector: str, asset_id: str, box:
         return Learned(False, f"the photo could not be analysed again: {err}", held)
     if vector is None:
         return Learned(False, "the face was not found again, or fails the quality gates", held)
+    if held and float(np.linalg.norm(current - vector, axis=1).min()) < SAME_VECTOR:
+        return Learned(False, "this face is already one of the person's templates", held)
     total = vault.add_templates(subject.id, vector[None, :])
     # A new template can name faces that are still unknown or uncertain: analyse them again.
     marked = state.mark_for_analysis(state.assets_with_open_faces())

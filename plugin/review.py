@@ -152,14 +152,14 @@ def confirm(pipeline: Pipeline, ref: FaceRef, subject: Subject, *,
             "so the face could not carry the name; record a consent first "
             "(`consentry consents add`)"
         )
-    box = _face_row(pipeline.state, ref)
     decision = _decide(pipeline, ref, FaceState.CONFIRMED, subject.id,
                        reason="review confirmed", actor=actor)
     if not learn:
         return decision
+    row = _face_row(pipeline.state, ref)
     learned = learn_confirmed_face(
         pipeline, ref.connector, ref.asset_id,
-        FaceBox(top=box.top, right=box.right, bottom=box.bottom, left=box.left), subject,
+        FaceBox(top=row.top, right=row.right, bottom=row.bottom, left=row.left), subject,
         actor=actor)
     return dataclasses.replace(decision, learned=learned)
 

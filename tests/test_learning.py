@@ -118,7 +118,7 @@ def test_nothing_is_learned_without_biometric_consent_or_with_the_setting_off(co
         assert not [e for e in a.audit.entries() if e["action"] == "subject.template_learned"]
 
 
-def test_a_person_keeps_at_most_three_templates(config):
+def test_a_person_keeps_at_most_three_templates_and_no_duplicate(config):
     learning(config, True)
     assert cli(config, "review", "confirm", f"photos:{CLOONEY}#0", "George Clooney"
                ).exit_code == 0
@@ -126,3 +126,17 @@ def test_a_person_keeps_at_most_three_templates(config):
     assert result.exit_code == 0, result.output
     assert "already has 3 templates" in result.output
     assert len(templates(config, "George Clooney")) == 3
+
+    # A library photo that is also the person's reference photo adds nothing new.
+    doc = config.parent / "consent.pdf"
+    doc.write_bytes(b"%PDF signed")
+    scott = config.parent / "library/portraits/IMG_3311.jpg"
+    for args in (("subjects", "add", "Ridley Scott"),
+                 ("consents", "add", "Ridley Scott", "--document", str(doc), "--biometric",
+                  "--channels", "all"),
+                 ("subjects", "enroll", "Ridley Scott", str(scott))):
+        assert cli(config, *args).exit_code == 0
+    result = cli(config, "review", "confirm", "photos:portraits/IMG_3311.jpg#0", "Ridley Scott")
+    assert result.exit_code == 0, result.output
+    assert "already one of the person's templates (1 in all)" in result.output
+    assert len(templates(config, "Ridley Scott")) == 1
