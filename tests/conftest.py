@@ -18,6 +18,14 @@ def _one_analysis_process(monkeypatch):
     monkeypatch.setenv("CONSENTRY_ENGINE__WORKERS", "1")
 
 
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    """monkeypatch for module-scoped fixtures (one demo run shared by a module's tests)."""
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def testdata() -> Path:
     root = testdata_dir()

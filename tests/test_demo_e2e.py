@@ -78,13 +78,6 @@ def demo_out(tmp_path_factory, demo_data, engine, monkeypatch_module):
 
 
 @pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def library_meta(demo_out) -> dict[str, dict]:
     files = sorted((demo_out / "library").rglob("*.jpg"))
     return {Path(m["SourceFile"]).relative_to(demo_out).as_posix(): m

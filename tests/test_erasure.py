@@ -40,13 +40,6 @@ runner = CliRunner()
 
 # -- fixtures ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def demo_out(tmp_path_factory, demo_data, engine, monkeypatch_module) -> Path:
     """One scanned demo library for the module; tests work on copies."""
     out = tmp_path_factory.mktemp("erasure") / "demo"

@@ -40,13 +40,6 @@ SUMMIT = ("events/2024-summit/IMG_2041.jpg", "events/2024-summit/IMG_2042.jpg")
 
 # -- fixtures ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def demo_out(tmp_path_factory, demo_data, engine, monkeypatch_module):
     monkeypatch_module.setattr("plugin.app.default_engine", lambda settings: engine)
     monkeypatch_module.delenv("CONSENTRY_KEY", raising=False)

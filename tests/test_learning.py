@@ -35,13 +35,6 @@ def learning(config: Path, on: bool) -> None:
 
 
 @pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def demo_out(tmp_path_factory, demo_data, engine, monkeypatch_module):
     monkeypatch_module.setattr("plugin.app.default_engine", lambda settings: engine)
     monkeypatch_module.delenv("CONSENTRY_KEY", raising=False)

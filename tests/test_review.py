@@ -88,13 +88,6 @@ def force_rescan(config: Path, asset_id: str, *paths: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def demo_out(tmp_path_factory, demo_data, engine, monkeypatch_module):
     out = tmp_path_factory.mktemp("review") / "consentry-demo"
     shutil.copytree(demo_data / "library", out / "library")
