@@ -21,6 +21,7 @@ from rich.console import Console
 from plugin.app import App
 from plugin.demo import display_name, run_demo
 from plugin.models import Status
+from tests.demo_run import scanned_demo
 
 CONSENTED = {"Barack Obama", "George Clooney", "Megawati Sukarnoputri"}  # biometric grant
 ALL_PEOPLE = CONSENTED | {"Joe Biden", "Laura Bush"}
@@ -69,12 +70,8 @@ def as_list(value) -> list:
 
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory, demo_data, engine, monkeypatch_module):
-    out = tmp_path_factory.mktemp("demo") / "consentry-demo"
-    monkeypatch_module.setattr("plugin.app.default_engine", lambda settings: engine)
-    console = Console(file=io.StringIO(), width=200)
-    code = run_demo(out=out, photos=demo_data, console=console)
-    assert code == 0, console.file.getvalue()
-    return out
+    return scanned_demo(tmp_path_factory.mktemp("demo") / "consentry-demo", demo_data, engine,
+                        monkeypatch_module)
 
 
 @pytest.fixture(scope="module")

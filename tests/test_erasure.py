@@ -7,7 +7,6 @@ process killed at each stage boundary is finished by the next run.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -19,16 +18,15 @@ import uuid
 from pathlib import Path
 
 import pytest
-from rich.console import Console
 from typer.testing import CliRunner
 
 import plugin.cli_erasure  # noqa: F401  (registers `subjects erase`)
 from plugin import erasure
 from plugin.app import App
 from plugin.cli import app as cli_app
-from plugin.demo import run_demo
 from plugin.erasure import KILL_ENV, STAGES, Stage, foreign_fields
 from plugin.xmp import XmpState
+from tests.demo_run import scanned_demo
 
 NAME = "Barack Obama"
 OWNED_TAGS = ("XMP-mwg-rs:", "XMP-iptcExt:", "XMP-plus:", "XMP-lr:", "XMP-digiKam:",
@@ -43,7 +41,6 @@ runner = CliRunner()
 def demo_out(tmp_path_factory, demo_data, engine, monkeypatch_module) -> Path:
     """One scanned demo library for the module; tests work on copies."""
     out = tmp_path_factory.mktemp("erasure") / "demo"
-    monkeypatch_module.setattr("plugin.app.default_engine", lambda settings: engine)
     # Tests here need strangers with Megawati as candidate; on the demo those are faces of
     # 37 px or weak detections, which the quality gates send to review unencoded: gates off,
     # here and in the `consentry` subprocesses (all three at 0 = off).
@@ -51,9 +48,7 @@ def demo_out(tmp_path_factory, demo_data, engine, monkeypatch_module) -> Path:
     monkeypatch_module.setattr("plugin.workers.DEFAULT_QUALITY", None)
     for key in ("MIN_FACE_PX", "MIN_DETECTOR_SCORE", "MIN_SHARPNESS"):
         monkeypatch_module.setenv(f"CONSENTRY_ENGINE__{key}", "0")
-    console = Console(file=io.StringIO(), width=200)
-    assert run_demo(out=out, photos=demo_data, console=console) == 0, console.file.getvalue()
-    return out
+    return scanned_demo(out, demo_data, engine, monkeypatch_module)
 
 
 def copy_of(demo_out: Path, where: Path) -> Path:

@@ -30,9 +30,10 @@ import plugin.cli_records  # noqa: F401  (registers the commands)
 from plugin import keys, people
 from plugin.app import App
 from plugin.cli import app, scan_app
-from plugin.demo import consent_for, run_demo
+from plugin.demo import consent_for
 from plugin.export import AUDIT_FIELDS, SCHEMA_FILE
 from plugin.models import FaceRecord, FaceState, Subject
+from tests.demo_run import scanned_demo
 
 runner = CliRunner()
 SUMMIT = ("events/2024-summit/IMG_2041.jpg", "events/2024-summit/IMG_2042.jpg")
@@ -41,11 +42,9 @@ SUMMIT = ("events/2024-summit/IMG_2041.jpg", "events/2024-summit/IMG_2042.jpg")
 # -- fixtures ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory, demo_data, engine, monkeypatch_module):
-    monkeypatch_module.setattr("plugin.app.default_engine", lambda settings: engine)
     monkeypatch_module.delenv("CONSENTRY_KEY", raising=False)
-    out = tmp_path_factory.mktemp("export") / "consentry-demo"
-    console = Console(file=io.StringIO(), width=200)
-    assert run_demo(out=out, photos=demo_data, console=console) == 0, console.file.getvalue()
+    out = scanned_demo(tmp_path_factory.mktemp("export") / "consentry-demo", demo_data, engine,
+                       monkeypatch_module)
     with App.open(out / "consentry.toml") as a:
         biden = a.state.resolve_subject("Joe Biden")
         now = a.pipeline.clock()

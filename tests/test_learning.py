@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import io
 import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from rich.console import Console
 from typer.testing import CliRunner
 
 import plugin.cli_review  # noqa: F401  (registers `consentry review`)
 from plugin.app import App
 from plugin.cli import app
-from plugin.demo import run_demo
 from plugin.imaging import decode
+from tests.demo_run import scanned_demo
 
 runner = CliRunner()
 CLOONEY = "events/2023-film-gala/IMG_0811.jpg"
@@ -36,12 +34,9 @@ def learning(config: Path, on: bool) -> None:
 
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory, demo_data, engine, monkeypatch_module):
-    monkeypatch_module.setattr("plugin.app.default_engine", lambda settings: engine)
     monkeypatch_module.delenv("CONSENTRY_KEY", raising=False)
     out = tmp_path_factory.mktemp("learning") / "consentry-demo"
-    console = Console(file=io.StringIO(), width=200)
-    assert run_demo(out=out, photos=demo_data, console=console) == 0, console.file.getvalue()
-    return out
+    return scanned_demo(out, demo_data, engine, monkeypatch_module)
 
 
 @pytest.fixture

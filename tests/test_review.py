@@ -7,7 +7,6 @@ defaults are; tests that decide work on a copy of the whole demo folder.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
@@ -16,16 +15,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from rich.console import Console
 from typer.testing import CliRunner
 
 import plugin.cli_review  # noqa: F401  (registers `consentry review`)
 from plugin.app import App
 from plugin.cli import app
-from plugin.demo import run_demo
 from plugin.models import FaceBox, FaceRecord, FaceState
 from plugin.pipeline import carry_decisions
 from plugin.setup import render
+from tests.demo_run import scanned_demo
 
 runner = CliRunner()
 OUR_GROUPS = ("XMP-mwg-rs:", "XMP-iptcExt:", "XMP-plus:", "XMP-lr:", "XMP-digiKam:",
@@ -96,15 +94,12 @@ def demo_out(tmp_path_factory, demo_data, engine, monkeypatch_module):
     config.write_text(render(photos=out / "library", write_mode="embed", base=out),
                       encoding="utf-8")
     set_threshold(config, 0.30)
-    monkeypatch_module.setattr("plugin.app.default_engine", lambda settings: engine)
     # These tests need strangers the matcher finds close to Megawati, and on the demo those are
     # all faces of 37 px or weak detections that the quality gates send to review unencoded
     # (tests/test_quality.py): the gates are off for this module.
     monkeypatch_module.setattr(engine, "quality", None)
     monkeypatch_module.setattr("plugin.workers.DEFAULT_QUALITY", None)
-    console = Console(file=io.StringIO(), width=200)
-    assert run_demo(out=out, photos=demo_data, console=console) == 0, console.file.getvalue()
-    return out
+    return scanned_demo(out, demo_data, engine, monkeypatch_module)
 
 
 @pytest.fixture
