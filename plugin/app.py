@@ -17,6 +17,7 @@ from typing import Any
 from connectors.base import ConnectorContext
 from plugin import keys, registry
 from plugin.audit import AuditLog
+from plugin.corroboration import CorroborationSettings
 from plugin.engine import DlibEngine, FaceEngine, engine_from_settings
 from plugin.links import StateLinks
 from plugin.matcher import MatchSettings
@@ -90,6 +91,10 @@ class App:
                     review_threshold=settings.matching.review_threshold,
                     templates=settings.matching.templates,
                 ),
+                corroboration=CorroborationSettings(
+                    anchor=settings.matching.corroborate_anchor,
+                    threshold=settings.matching.corroborate_threshold,
+                ) if settings.matching.corroborate else None,
                 channels=settings.policy.channels,
                 fingerprint_key=keys.derive_key(self.kek, "verdict-fingerprint"),
                 decode_options={"max_side": settings.engine.max_side,

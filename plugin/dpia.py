@@ -211,7 +211,11 @@ def _retention(facts: Facts, s: Settings) -> None:
         + (" Besides reference photos, faces a reviewer confirmed become templates "
            "(`matching.learn_from_review`, at most 3 a person)."
            if s.matching.learn_from_review else ""),
-        "Vectors of unknown faces: never stored (only the face's box and state).",
+        "Vectors of unknown faces: never stored (only the face's box and state)."
+        + (" With `matching.corroborate` on, the vectors of a scan run's unnamed faces stay "
+           "in memory until the end of that run (at most 20,000), so that faces the run named "
+           "on strong evidence can vouch for the same person's other faces; then they are "
+           "dropped." if s.matching.corroborate else ""),
         "Subjects, consents and face records: until the subject is erased "
         "(`consentry subjects erase`); face records follow the photo.",
         "Names in photo metadata: removed when no grant of the subject is active any more, on "
@@ -241,6 +245,10 @@ def _thresholds(facts: Facts, s: Settings) -> None:
         ("matching.templates", m.templates, d.templates),
         ("matching.learn_from_review", str(m.learn_from_review).lower(),
          str(d.learn_from_review).lower()),
+        ("matching.corroborate", str(m.corroborate).lower(), str(d.corroborate).lower()),
+        ("matching.corroborate_anchor", f"{m.corroborate_anchor}", f"{d.corroborate_anchor}"),
+        ("matching.corroborate_threshold", f"{m.corroborate_threshold}",
+         f"{d.corroborate_threshold}"),
         ("policy.channels", ", ".join(s.policy.channels), "internal … advertising"),
         ("policy version", POLICY_VERSION, POLICY_VERSION),
         ("engine", facts.engine, "-"),

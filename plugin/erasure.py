@@ -524,7 +524,9 @@ def _clear_faces(app: App, receipt: Receipt) -> None:
             values: dict[str, Any] = {"candidates": candidates}
             if row.subject_id == sid or (row.state == FaceState.UNCERTAIN.value
                                          and not candidates):
-                values.update(state=FaceState.UNKNOWN.value, subject_id=None, distance=None)
+                # vouched_by too: "this face is the same person as that one" is theirs
+                values.update(state=FaceState.UNKNOWN.value, subject_id=None, distance=None,
+                              vouched_by=None)
             conn.execute(f.update().where(f.c.id == row.id).values(**values))
         _advance(conn, receipt, Stage.FACES_CLEARED)
 

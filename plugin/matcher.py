@@ -80,6 +80,11 @@ class Matcher:
     def subject_count(self) -> int:
         return len(self._subjects)
 
+    @property
+    def subjects(self) -> tuple[uuid.UUID, ...]:
+        """Subject ids in the column order of `subject_distances`."""
+        return tuple(self._subjects)
+
     def subject_distances(self, vectors: np.ndarray) -> np.ndarray:
         """(faces, subjects) matrix: distance of each face to each subject's nearest template."""
         return np.sqrt(self._subject_sq_distances(vectors))

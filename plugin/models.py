@@ -161,6 +161,9 @@ class FaceRecord(_Frozen):
     subject_id: uuid.UUID | None = None
     distance: float | None = None
     candidates: tuple[uuid.UUID, ...] = ()
+    # Named by same-run corroboration (plugin/corroboration.py): the anchor face's reference,
+    # `<connector>:<asset id>#<index>`; a reviewer rejecting that face takes this name back.
+    vouched_by: str | None = None
 
 
 class Status(StrEnum):

@@ -4,6 +4,8 @@ Every asset ends `processed`, `skipped` or `failed` with a reason; one bad asset
 the batch. Vectors live only in one photo's analysis (a pool worker's pipe, then `_analyse`):
 they are matched and dropped, never stored.
 Re-evaluation (consent changes) reuses the stored face records: no download, no detection.
+At the end of a scan run, faces named on strong evidence may vouch for the same person's
+unnamed faces of that run (plugin/corroboration.py); those assets are then re-labelled.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import os
 import time
 import uuid
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from connectors.base import Connector, Fetched
 from plugin import crashpoints
 from plugin.audit import AuditLog
 from plugin.consent import POLICY_VERSION, asset_verdict, has_active_biometric
+from plugin.corroboration import CorroborationSettings, RunCorroboration, Vouched, vouched_state
 from plugin.engine import FaceEngine
 from plugin.errors import (
     AssetError,
@@ -86,6 +89,8 @@ class Pending:
 class Analysis:
     geometry: Geometry
     faces: tuple[FaceRecord, ...]
+    # face index -> encoding, for the faces that passed the quality gates; in memory only
+    vectors: Mapping[int, Any] = field(default_factory=dict)
 
 
 def _take_finished(window: list[tuple[AssetRef, Pending]]) -> list[tuple[AssetRef, Pending]]:
@@ -140,6 +145,7 @@ class Pipeline:
         clock: Callable[[], datetime] = now_utc,
         raise_errors: bool = False,
         pool: AnalysisPool | None = None,
+        corroboration: CorroborationSettings | None = None,
     ) -> None:
         self.state, self.vault, self.audit, self.engine = state, vault, audit, engine
         self.connectors = dict(connectors)
@@ -150,14 +156,16 @@ class Pipeline:
         self.clock = clock
         self.raise_errors = raise_errors
         self.pool = pool
+        self.corroboration = corroboration
         # Platform writes in parallel when re-labelling (see `reevaluate`).
         self.write_threads = min(4, os.cpu_count() or 1)
 
     # -- keys --------------------------------------------------------------------------
     def processing_key(self, ref: AssetRef) -> str:
-        m = self.match_settings
+        m, c = self.match_settings, self.corroboration
         parts = (ref.connector, ref.id, ref.version, self.engine.version, POLICY_VERSION,
-                 f"{m.threshold}/{m.margin}/{m.review_threshold}/{m.templates}",
+                 f"{m.threshold}/{m.margin}/{m.review_threshold}/{m.templates}"
+                 + (f"/vouch {c.anchor}/{c.threshold}" if c else ""),
                  json.dumps(self.decode_options, sort_keys=True))
         return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 
@@ -196,7 +204,11 @@ class Pipeline:
         now = self.clock()
         matcher = self.build_matcher(now)
         subjects, consents = self._context()
-        context = {"matcher": matcher, "subjects": subjects, "consents": consents, "now": now}
+        corroboration = (RunCorroboration(matcher, self.match_settings.margin,
+                                          self.corroboration)
+                         if self.corroboration and matcher.subject_count else None)
+        context = {"matcher": matcher, "subjects": subjects, "consents": consents, "now": now,
+                   "corroboration": corroboration}
         results: list[AssetResult] = []
 
         def done(result: AssetResult) -> None:
@@ -226,6 +238,8 @@ class Pipeline:
                 complete(_take_finished(window))
         while window:
             complete(_take_finished(window))
+        if corroboration is not None:
+            self._apply_vouches(corroboration.resolve(), results)
         if new_cursor != cursor:  # a job of given refs (service mode) leaves the cursor alone
             self.state.set_cursor(connector_name, new_cursor)
         return results
@@ -284,7 +298,7 @@ class Pipeline:
     def _complete(self, connector: Connector, ref: AssetRef, pending: Pending, *,
                   matcher: Matcher, subjects: Mapping[uuid.UUID, Subject],
                   consents: Mapping[uuid.UUID, Sequence[Consent]],
-                  now: datetime) -> AssetResult:
+                  now: datetime, corroboration: RunCorroboration | None = None) -> AssetResult:
         row, fetched = pending.row, pending.fetched
         started = time.perf_counter()
         raw = (pending.future.result() if pending.future is not None else
@@ -308,12 +322,15 @@ class Pipeline:
             self.audit.append("asset.analysed", asset=f"{ref.connector}:{ref.id}",
                               details=_audit_details(verdict, faces), conn=conn)
         self.audit.sync_head()
+        if corroboration is not None:
+            corroboration.observe((ref.connector, written.id), faces, analysis.vectors)
         timings = {"fetch": pending.fetch_seconds, "analyse": analysed - started,
                    "write": time.perf_counter() - analysed}
         return AssetResult(written, Outcome.PROCESSED, "", verdict.status.value, timings)
 
     def _analyse(self, raw: RawAnalysis, fetched: Fetched, matcher: Matcher) -> Analysis:
-        """Match the encodings and map the boxes onto the original; drop the vectors."""
+        """Match the encodings and map the boxes onto the original; the vectors go no further
+        than this run's corroboration (memory only)."""
         detections = raw.detections
         matches = raw.matches(matcher)  # quality-gated faces: UNCERTAIN, never named
         geometry = fetched.original or raw.geometry
@@ -324,7 +341,52 @@ class Pipeline:
                        candidates=m.candidates)
             for d, m in zip(detections, matches, strict=True)
         )
-        return Analysis(geometry=geometry, faces=faces)
+        gates = raw.gates or tuple(None for _ in detections)
+        passing = [i for i, why in enumerate(gates) if why is None]
+        return Analysis(geometry=geometry, faces=faces,
+                        vectors=dict(zip(passing, raw.vectors, strict=True)))
+
+    def _apply_vouches(self, vouches: Sequence[Vouched], results: list[AssetResult]) -> None:
+        """Record the names the run's anchors vouch for and re-label those assets.
+
+        The scan's result of a re-labelled asset is replaced (one result per asset stays);
+        a face a reviewer decided meanwhile keeps the decision.
+        """
+        by_asset: dict[tuple[str, str], list[Vouched]] = defaultdict(list)
+        for v in vouches:
+            by_asset[v.asset].append(v)
+        changed = []
+        for (connector, asset_id), items in by_asset.items():
+            faces = self.state.faces(connector, asset_id)
+            updated = list(faces)
+            applied = []
+            for v in items:
+                face = vouched_state(faces[v.idx], v) if v.idx < len(faces) else None
+                if face is not None:
+                    updated[v.idx] = face
+                    applied.append(v)
+            if not applied:
+                continue
+            with self.state.begin() as conn:
+                self.state.set_faces_state(connector, asset_id, updated, conn)
+                self.audit.append_many(
+                    [{"action": "face.corroborated", "subject_id": v.subject_id,
+                      "asset": f"{connector}:{asset_id}",
+                      "details": {"face": v.idx, "distance": v.distance,
+                                  "vouched_by": updated[v.idx].vouched_by}}
+                     for v in applied], conn=conn)
+            self.audit.sync_head()
+            changed.append((connector, asset_id))
+        if not changed:
+            return
+        log.info("corroboration: %d face(s) named on %d asset(s) by faces of the same run",
+                 sum(len(v) for v in by_asset.values()), len(changed))
+        relabelled = {(r.ref.connector, r.ref.id): r
+                      for r in self.reevaluate(assets=changed, reason="corroborated")}
+        for i, r in enumerate(results):
+            again = relabelled.get((r.ref.connector, r.ref.id))
+            if again is not None and again.outcome != Outcome.SKIPPED:
+                results[i] = again
 
     def _write(self, connector: Connector, ref: AssetRef, verdict: AssetVerdict,
                geometry: Geometry, *, previous: str | None) -> AssetRef:

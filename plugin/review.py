@@ -10,6 +10,10 @@ face's position in its asset's stored records. A decision rewrites that record o
 - **reject** sets state `rejected` and keeps the rejected subject in `subject_id`, so a rescan
   (`pipeline.carry_decisions`) never proposes that match for that face again.
 
+A face that vouched for other faces of its run (plugin/corroboration.py) takes those names back
+when a reviewer rejects it or names someone else: they return to review, with the person they
+were given as the candidate.
+
 With `matching.learn_from_review` on, a confirmed face of a person with an active biometric
 grant also becomes one more of their templates (plugin/learning.py).
 
@@ -197,7 +201,8 @@ def _decide(pipeline: Pipeline, ref: FaceRef, new_state: FaceState, subject_id: 
         row = _face_row(state, ref, conn=conn)
         conn.execute(
             t.faces.update().where(*_where(ref))
-            .values(state=new_state.value, subject_id=str(subject_id), candidates=[])
+            .values(state=new_state.value, subject_id=str(subject_id), candidates=[],
+                    vouched_by=None)
         )
         audit.append(
             f"review.{new_state.value}", actor=actor, subject_id=subject_id, asset=ref.asset,
@@ -205,12 +210,40 @@ def _decide(pipeline: Pipeline, ref: FaceRef, new_state: FaceState, subject_id: 
                      "previous_subject_id": row.subject_id},
             conn=conn,
         )
+        withdrawn = []
+        if new_state == FaceState.REJECTED or row.subject_id != str(subject_id):
+            withdrawn = _withdraw_vouches(ref, conn, audit, actor=actor)
     audit.sync_head()
     log.info("review: %s %s", new_state.value, ref)
-    results = pipeline.reevaluate(assets=[(ref.connector, ref.asset_id)], reason=reason)
+    if withdrawn:
+        log.info("review: %d name(s) vouched for by %s back to review", len(withdrawn), ref)
+    assets = [(ref.connector, ref.asset_id)]
+    assets += sorted({(v.connector, v.asset_id) for v in withdrawn} - set(assets))
+    results = [r for r in pipeline.reevaluate(assets=assets, reason=reason)
+               if (r.ref.connector, r.ref.id) == assets[0]]
     return Decision(ref=ref, state=new_state, subject_id=subject_id,
                     previous_state=FaceState(row.state),
                     relabel=results[0] if results else None)
+
+
+def _withdraw_vouches(anchor: FaceRef, conn: sa.Connection, audit, *, actor: str
+                      ) -> list[FaceRef]:
+    """Faces named because `anchor` vouched for them go back to review (same transaction)."""
+    f = t.faces
+    rows = conn.execute(f.select().where(f.c.vouched_by == str(anchor),
+                                         f.c.state == FaceState.AUTO.value)).all()
+    refs = []
+    for r in rows:
+        ref = FaceRef(r.connector, r.asset_id, r.idx)
+        conn.execute(f.update().where(*_where(ref)).values(
+            state=FaceState.UNCERTAIN.value, subject_id=None,
+            candidates=[r.subject_id] if r.subject_id else [], vouched_by=None))
+        audit.append("face.vouch_withdrawn", actor=actor,
+                     subject_id=uuid.UUID(r.subject_id) if r.subject_id else None,
+                     asset=ref.asset, details={"face": str(ref), "vouched_by": str(anchor)},
+                     conn=conn)
+        refs.append(ref)
+    return refs
 
 
 def _where(ref: FaceRef) -> tuple[sa.ColumnElement[bool], ...]:

@@ -84,8 +84,10 @@ faces = sa.Table(
     sa.Column("distance", sa.Float),
     sa.Column("candidates", sa.JSON, nullable=False, default=list),
     sa.Column("region_written", sa.Boolean, nullable=False, default=False),
+    sa.Column("vouched_by", sa.Text),
     sa.Index("ix_faces_asset", "connector", "asset_id"),
     sa.Index("ix_faces_subject", "subject_id"),
+    sa.Index("ix_faces_vouched", "vouched_by"),
 )
 
 cursors = sa.Table(

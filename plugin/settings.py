@@ -84,6 +84,16 @@ class MatchingSettings(_Section):
         False, description="a face a reviewer confirms becomes one more template of the person "
         "(biometric consent only; at most 3 templates a person)",
     )
+    corroborate: bool = Field(
+        True, description="after a scan run, faces it named at <= corroborate_anchor vouch for "
+        "the same person's unnamed faces of that run (in memory only; plugin/corroboration.py)",
+    )
+    corroborate_anchor: float = Field(
+        0.36, gt=0, lt=1.2, description="max distance at which a named face may vouch"
+    )
+    corroborate_threshold: float = Field(
+        0.43, gt=0, lt=1.2, description="max distance from a vouching face to name a face"
+    )
 
 
 class EngineSettings(_Section):

@@ -347,7 +347,7 @@ class StateStore:
                 state=f.state.value,
                 subject_id=str(f.subject_id) if f.subject_id else None,
                 distance=f.distance, candidates=[str(c) for c in f.candidates],
-                region_written=False,
+                region_written=False, vouched_by=f.vouched_by,
             ))
         self._upsert_asset(conn, ref, processing_key=processing_key,
                            stored_width=geometry.stored_width,
@@ -364,7 +364,8 @@ class StateStore:
                 t.faces.c.idx == i,
             ).values(state=f.state.value,
                      subject_id=str(f.subject_id) if f.subject_id else None,
-                     distance=f.distance, candidates=[str(c) for c in f.candidates]))
+                     distance=f.distance, candidates=[str(c) for c in f.candidates],
+                     vouched_by=f.vouched_by))
 
     def save_written(self, ref: AssetRef, *, status: str, verdict_fingerprint: str,
                      conn: sa.Connection, processing_key: str | None = None) -> None:
@@ -487,6 +488,7 @@ def _face(r: sa.Row) -> FaceRecord:
         subject_id=uuid.UUID(r.subject_id) if r.subject_id else None,
         distance=r.distance,
         candidates=tuple(uuid.UUID(c) for c in r.candidates),
+        vouched_by=r.vouched_by,
     )
 
 

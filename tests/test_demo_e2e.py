@@ -115,7 +115,8 @@ def test_regions_cover_clear_faces_and_never_carry_a_wrong_name(manifest, librar
             assert expected in CONSENTED, f"{photo['path']}: name without biometric consent"
     assert consented_faces == 15
     assert found / clear >= 0.9, f"{found}/{clear} clear faces got a region"
-    assert named >= 10, f"only {named}/15 consented faces named"
+    # 10 by the matcher, 3 more vouched for by faces of the same run (plugin/corroboration.py)
+    assert named >= 13, f"only {named}/15 consented faces named"
 
 
 def test_people_without_biometric_consent_are_never_named(library_meta):
@@ -254,7 +255,9 @@ def test_withdrawal_then_reevaluate_removes_the_name_without_detection(
         actions = [(e["action"], e["subject_id"]) for e in a.audit.entries()]
         assert ("consent.withdrawn", str(obama.id)) in actions
         assert ("templates.destroyed", str(obama.id)) in actions
-        assert sum(1 for act, _ in actions if act == "asset.relabelled") == len(files)
+        relabels = [e for e in a.audit.entries() if e["action"] == "asset.relabelled"
+                    and e["details"]["reason"] != "corroborated"]  # those are the scan's
+        assert len(relabels) == len(files)
         assert a.vault.templates(obama.id).shape == (0, 128)
         assert a.audit.verify() > 0
     # Re-running changes nothing: the verdict is unchanged, no byte moves.
