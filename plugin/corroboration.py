@@ -10,7 +10,8 @@ The rule (measured on lfw-dev by `benchmarks/corroborate.py`, README "Accuracy")
   made a wrong name an anchor);
 - a face the matcher left unnamed is named after the run when, with each person's anchors
   counted as extra templates, its nearest person is within `threshold` (0.43) and the runner-up
-  is `margin` further; one hop only (a vouched face never vouches for another).
+  is `margin` further; one hop only (a vouched face never vouches for another), and never for a
+  face of its own photo (one person appears once in a photo).
 
 Privacy: anchors are faces of people with an active biometric grant (only their templates reach
 the matcher). The vectors of unnamed faces are held in memory until the end of the run, never
@@ -70,20 +71,25 @@ class RunCorroboration:
     def observe(self, asset: tuple[str, str], faces: Sequence[FaceRecord],
                 vectors: dict[int, np.ndarray]) -> None:
         """One analysed asset: its final face records and the vectors of the faces that passed
-        the quality gates (by face index). Gated and human-decided faces never take part."""
+        the quality gates (by face index). Gated and human-decided faces never take part, nor
+        faces too far from every reference for any anchor to reach (triangle inequality:
+        an anchor is <= `anchor` from a reference, so a face it names is <= anchor + threshold
+        from one)."""
         s = self.settings
+        reach = s.anchor + s.threshold + 1e-3  # face distances are stored rounded
         for idx, face in enumerate(faces):
             vector = vectors.get(idx)
-            if vector is None:
+            if vector is None or face.distance is None:
                 continue
-            if face.state == FaceState.AUTO and face.distance is not None \
-                    and face.distance <= s.anchor and face.subject_id in self._column:
+            if face.state == FaceState.AUTO and face.distance <= s.anchor \
+                    and face.subject_id in self._column:
                 col = self._column[face.subject_id]
                 if (self._per_subject.get(col, 0) < s.max_anchors_per_subject
                         and len(self._anchors) < s.max_anchors):
                     self._per_subject[col] = self._per_subject.get(col, 0) + 1
                     self._anchors.append((col, (*asset, idx), np.asarray(vector, np.float32)))
-            elif face.state in (FaceState.UNCERTAIN, FaceState.UNKNOWN):
+            elif face.state in (FaceState.UNCERTAIN, FaceState.UNKNOWN) \
+                    and face.distance <= reach:
                 if len(self._pending) < s.max_pending:
                     self._pending.append((asset, idx, np.asarray(vector, np.float32)))
                 else:
@@ -94,7 +100,11 @@ class RunCorroboration:
         return len(self._pending)
 
     def resolve(self) -> list[Vouched]:
-        """The unnamed faces the run's anchors name; the buffers are dropped either way."""
+        """The unnamed faces the run's anchors name; the buffers are dropped either way.
+
+        Faces are resolved `_CHUNK` at a time, so the distance matrices stay small with many
+        templates and anchors.
+        """
         pending, anchors = self._pending, self._anchors
         self._pending, self._anchors, self._per_subject = [], [], {}
         if self.overflow:
@@ -102,39 +112,47 @@ class RunCorroboration:
                      self.overflow)
         if not pending or not anchors:
             return []
-        faces = np.stack([v for _, _, v in pending])
-        base = self.matcher.subject_distances(faces).astype(np.float64)
+        anchors = sorted(anchors, key=lambda a: a[0])  # grouped by person
         owners = np.array([col for col, _, _ in anchors])
+        starts = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]])
+        ends = np.r_[starts[1:], len(anchors)]
+        cols = owners[starts]
         avecs = np.stack([v for _, _, v in anchors]).astype(np.float64)
-        f64 = faces.astype(np.float64)
-        to_anchor = np.sqrt(np.maximum(
-            (f64 * f64).sum(1)[:, None] + (avecs * avecs).sum(1)[None, :]
-            - 2.0 * f64 @ avecs.T, 0.0))
-        dist = base.copy()
-        nearest_anchor = np.full(base.shape, -1, dtype=np.intp)
-        for col in np.unique(owners):
-            cols = np.flatnonzero(owners == col)
-            best = cols[np.argmin(to_anchor[:, cols], axis=1)]
-            d = to_anchor[np.arange(len(faces)), best]
-            closer = d < dist[:, col]
-            dist[closer, col] = d[closer]
-            nearest_anchor[closer, col] = best[closer]
-        order = np.argsort(dist, axis=1, kind="stable")
-        rows = np.arange(len(faces))
-        best_col = order[:, 0]
-        best_d = dist[rows, best_col]
-        runner = dist[rows, order[:, 1]] if dist.shape[1] > 1 else np.full(len(faces), np.inf)
-        vouched = []
+        a_sq = (avecs * avecs).sum(1)
+        photo: dict[tuple[str, str], int] = {}
+        anchor_photo = np.array([photo.setdefault(ref[:2], len(photo)) for _, ref, _ in anchors])
         subjects = self.matcher.subjects
-        for i in np.flatnonzero((best_d <= self.settings.threshold)
-                                & (runner - best_d >= self.margin)):
-            a = nearest_anchor[i, best_col[i]]
-            if a < 0:  # nearest by a template after all: the matcher's own verdict stands
-                continue
-            asset, idx, _ = pending[i]
-            vouched.append(Vouched(asset, idx, subjects[best_col[i]],
-                                   round(float(best_d[i]), 4), anchors[a][1]))
+        vouched = []
+        for lo in range(0, len(pending), _CHUNK):
+            chunk = pending[lo:lo + _CHUNK]
+            faces = np.stack([v for _, _, v in chunk])
+            base = self.matcher.subject_distances(faces).astype(np.float64)
+            f64 = faces.astype(np.float64)
+            to_anchor = np.sqrt(np.maximum(
+                (f64 * f64).sum(1)[:, None] + a_sq[None, :] - 2.0 * f64 @ avecs.T, 0.0))
+            face_photo = np.array([photo.get(asset, -1) for asset, _, _ in chunk])
+            to_anchor[face_photo[:, None] == anchor_photo[None, :]] = np.inf  # own photo
+            by_anchor = np.full(base.shape, np.inf)
+            by_anchor[:, cols] = np.minimum.reduceat(to_anchor, starts, axis=1)
+            dist = np.minimum(base, by_anchor)
+            rows = np.arange(len(chunk))
+            best_col = dist.argmin(axis=1)
+            best_d = dist[rows, best_col]
+            runner = (np.partition(dist, 1, axis=1)[:, 1] if dist.shape[1] > 1
+                      else np.full(len(chunk), np.inf))
+            named = ((best_d <= self.settings.threshold) & (runner - best_d >= self.margin)
+                     # an anchor is the nearest evidence, else the matcher's verdict stands
+                     & (by_anchor[rows, best_col] < base[rows, best_col]))
+            for i in np.flatnonzero(named):
+                g = int(np.searchsorted(cols, best_col[i]))
+                a = starts[g] + int(np.argmin(to_anchor[i, starts[g]:ends[g]]))
+                asset, idx, _ = chunk[i]
+                vouched.append(Vouched(asset, idx, subjects[best_col[i]],
+                                       round(float(best_d[i]), 4), anchors[a][1]))
         return vouched
+
+
+_CHUNK = 64  # faces resolved together: 64 x 100k templates = 25 MB of distances
 
 
 def vouched_state(face: FaceRecord, vouch: Vouched) -> FaceRecord | None:

@@ -355,32 +355,33 @@ class Pipeline:
         by_asset: dict[tuple[str, str], list[Vouched]] = defaultdict(list)
         for v in vouches:
             by_asset[v.asset].append(v)
-        changed = []
-        for (connector, asset_id), items in by_asset.items():
-            faces = self.state.faces(connector, asset_id)
-            updated = list(faces)
-            applied = []
-            for v in items:
-                face = vouched_state(faces[v.idx], v) if v.idx < len(faces) else None
-                if face is not None:
+        keys = list(by_asset)
+        stored: dict[tuple[str, str], list[FaceRecord]] = {}
+        for lo in range(0, len(keys), _RELABEL_GROUP):  # bounded IN lists
+            stored.update(self.state.faces_of(keys[lo:lo + _RELABEL_GROUP]))
+        changed, entries = [], []
+        with self.state.begin() as conn:  # one transaction, one audit head sync for the run
+            for (connector, asset_id), items in by_asset.items():
+                faces = stored.get((connector, asset_id), [])
+                updated = list(faces)
+                for v in items:
+                    face = vouched_state(faces[v.idx], v) if v.idx < len(faces) else None
+                    if face is None:
+                        continue
                     updated[v.idx] = face
-                    applied.append(v)
-            if not applied:
-                continue
-            with self.state.begin() as conn:
-                self.state.set_faces_state(connector, asset_id, updated, conn)
-                self.audit.append_many(
-                    [{"action": "face.corroborated", "subject_id": v.subject_id,
-                      "asset": f"{connector}:{asset_id}",
-                      "details": {"face": v.idx, "distance": v.distance,
-                                  "vouched_by": updated[v.idx].vouched_by}}
-                     for v in applied], conn=conn)
-            self.audit.sync_head()
-            changed.append((connector, asset_id))
+                    entries.append({"action": "face.corroborated", "subject_id": v.subject_id,
+                                    "asset": f"{connector}:{asset_id}",
+                                    "details": {"face": v.idx, "distance": v.distance,
+                                                "vouched_by": face.vouched_by}})
+                if updated != faces:
+                    self.state.set_faces_state(connector, asset_id, updated, conn)
+                    changed.append((connector, asset_id))
+            self.audit.append_many(entries, conn=conn)
+        self.audit.sync_head()
         if not changed:
             return
         log.info("corroboration: %d face(s) named on %d asset(s) by faces of the same run",
-                 sum(len(v) for v in by_asset.values()), len(changed))
+                 len(entries), len(changed))
         relabelled = {(r.ref.connector, r.ref.id): r
                       for r in self.reevaluate(assets=changed, reason="corroborated")}
         for i, r in enumerate(results):

@@ -153,6 +153,17 @@ def test_buffers_are_bounded_and_only_strong_names_vouch(demo_encodings):
     assert vouched.distance == pytest.approx(np.linalg.norm(gala_a - portrait), abs=1e-4)
     assert run.pending == 0  # the vectors are gone after the run
 
+    # a face farther than anchor + threshold (0.79) from every reference is never held: no
+    # anchor could be within 0.43 of it
+    run.observe(("photos", "far"), _faces(gala_b[None], [FaceState.UNKNOWN], sid, [0.80]),
+                {0: gala_b})
+    assert run.pending == 0
+    # an anchor never vouches for another face of its own photo
+    run.observe(("photos", "group"), _faces(np.stack([portrait, gala_a]),
+                                            [FaceState.AUTO, FaceState.UNCERTAIN], sid,
+                                            [0.285, 0.43]), {0: portrait, 1: gala_a})
+    assert run.resolve() == []
+
 
 @pytest.fixture(scope="module")
 def demo_encodings(demo_data: Path, engine):
