@@ -31,12 +31,16 @@ def review_list(
     unknown: Annotated[bool, typer.Option(
         "--unknown", help="also faces nobody was proposed for (e.g. to name a person whose "
                           "consent covers publication only)")] = False,
+    vouched: Annotated[bool, typer.Option(
+        "--vouched", help="also faces named because a face of the same scan run vouched for "
+                          "them (matching.corroborate), to check them; rejecting one, or the "
+                          "face that vouched, takes the name back")] = False,
 ) -> None:
     """Faces waiting for a decision, with asset, box, distance and candidate subjects."""
     if format not in ("table", "json"):
         raise fail("--format must be table or json")
     with _guard(), open_app() as a:
-        items = review.queue(a.state, include_unknown=unknown)
+        items = review.queue(a.state, include_unknown=unknown, include_vouched=vouched)
     if format == "json":
         sys.stdout.write(json.dumps([i.as_json() for i in items], indent=2,
                                     ensure_ascii=False) + "\n")
@@ -47,12 +51,15 @@ def review_list(
     table.add_column("box (t,r,b,l)", overflow="fold")
     table.add_column("distance", justify="right")
     table.add_column("candidates", overflow="fold")
+    if vouched:
+        table.add_column("vouched by", overflow="fold")
     for i in items:
         table.add_row(
             str(i.ref), i.asset_name, ",".join(map(str, i.box.as_css())),
             "-" if i.distance is None else f"{i.distance:.3f}",
             # A short id is enough to confirm by (`resolve_subject` takes unique prefixes).
             "; ".join(f"{c.name} ({str(c.id)[:8]})" for c in i.candidates) or "-",
+            *([i.vouched_by or "-"] if vouched else []),
         )
     console.print(table)
 

@@ -86,6 +86,7 @@ class ReviewItem:
     state: FaceState
     distance: float | None
     candidates: tuple[Candidate, ...]
+    vouched_by: str | None = None  # named by corroboration: the face that vouched
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -99,6 +100,7 @@ class ReviewItem:
                     "bottom": self.box.bottom, "left": self.box.left},
             "distance": self.distance,
             "candidates": [{"id": str(c.id), "name": c.name} for c in self.candidates],
+            "vouched_by": self.vouched_by,
         }
 
 
@@ -112,8 +114,10 @@ class Decision:
     learned: Learned | None = None  # confirm with learning on: what happened to the template
 
 
-def queue(state: StateStore, *, include_unknown: bool = False) -> list[ReviewItem]:
-    """Uncertain faces (and, on request, unknown ones), in asset and face order.
+def queue(state: StateStore, *, include_unknown: bool = False,
+          include_vouched: bool = False) -> list[ReviewItem]:
+    """Uncertain faces (and, on request, unknown ones and those named by same-run
+    corroboration, with the name as their candidate), in asset and face order.
 
     Candidates that no longer exist as subjects (erased) are left out.
     """
@@ -121,10 +125,14 @@ def queue(state: StateStore, *, include_unknown: bool = False) -> list[ReviewIte
     if include_unknown:
         wanted.append(FaceState.UNKNOWN.value)
     f, a = t.faces, t.assets
+    which = f.c.state.in_(wanted)
+    if include_vouched:
+        which = sa.or_(which, sa.and_(f.c.state == FaceState.AUTO.value,
+                                      f.c.vouched_by.is_not(None)))
     query = (
         sa.select(f, a.c.name.label("asset_name"))
         .join(a, sa.and_(a.c.connector == f.c.connector, a.c.asset_id == f.c.asset_id))
-        .where(f.c.state.in_(wanted))
+        .where(which)
         .order_by(f.c.connector, f.c.asset_id, f.c.idx)
     )
     names = {s.id: s.display_name for s in state.subjects()}
@@ -132,15 +140,17 @@ def queue(state: StateStore, *, include_unknown: bool = False) -> list[ReviewIte
         rows = conn.execute(query).all()
     items = []
     for r in rows:
+        proposed = [r.subject_id] if r.vouched_by and r.subject_id else r.candidates or ()
         candidates = tuple(
             Candidate(cid, names[cid])
-            for cid in (uuid.UUID(c) for c in r.candidates or ())
+            for cid in (uuid.UUID(c) for c in proposed)
             if cid in names
         )
         items.append(ReviewItem(
             ref=FaceRef(r.connector, r.asset_id, r.idx), asset_name=r.asset_name,
             box=FaceBox(top=r.top, right=r.right, bottom=r.bottom, left=r.left),
             state=FaceState(r.state), distance=r.distance, candidates=candidates,
+            vouched_by=r.vouched_by,
         ))
     return items
 

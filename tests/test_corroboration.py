@@ -194,3 +194,28 @@ def test_erasure_drops_the_link_between_the_persons_faces(config):
             assert face.vouched_by is None  # "same person as that face" was theirs too
         (megawati,) = a.state.faces("photos", "portraits/IMG_3306.jpg")
         assert megawati.vouched_by is not None
+
+
+def test_vouched_names_can_be_listed_and_rejected_one_by_one(config):
+    result = runner.invoke(app, ["--config", str(config), "review", "list", "--vouched",
+                                 "--format", "json"])
+    assert result.exit_code == 0, result.output
+    listed = {i["asset"]: i for i in json.loads(result.output) if i["vouched_by"]}
+    assert set(listed) == set(VOUCHED)
+    for path, person in VOUCHED.items():
+        assert listed[path]["state"] == "auto"
+        assert [c["name"] for c in listed[path]["candidates"]] == [person.replace("_", " ")]
+    plain = runner.invoke(app, ["--config", str(config), "review", "list", "--format", "json"])
+    assert not [i for i in json.loads(plain.output) if i["vouched_by"]]
+
+    megawati = "portraits/IMG_3306.jpg"
+    result = runner.invoke(app, ["--config", str(config), "review", "reject",
+                                 listed[megawati]["face"]])
+    assert result.exit_code == 0, result.output
+    with App.open(config) as a:
+        (face,) = a.state.faces("photos", megawati)
+        assert face.state == FaceState.REJECTED and face.vouched_by is None
+        assert all(a.state.faces("photos", p)[0].state == FaceState.AUTO
+                   for p in VOUCHED if p != megawati)
+    (meta,) = exiftool_json(config.parent / "library" / megawati)
+    assert "XMP-iptcExt:PersonInImage" not in meta
