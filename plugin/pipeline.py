@@ -341,16 +341,13 @@ class Pipeline:
                        candidates=m.candidates)
             for d, m in zip(detections, matches, strict=True)
         )
-        gates = raw.gates or tuple(None for _ in detections)
-        passing = [i for i, why in enumerate(gates) if why is None]
-        return Analysis(geometry=geometry, faces=faces,
-                        vectors=dict(zip(passing, raw.vectors, strict=True)))
+        return Analysis(geometry=geometry, faces=faces, vectors=raw.vectors_by_detection())
 
     def _apply_vouches(self, vouches: Sequence[Vouched], results: list[AssetResult]) -> None:
         """Record the names the run's anchors vouch for and re-label those assets.
 
         The scan's result of a re-labelled asset is replaced (one result per asset stays);
-        a face a reviewer decided meanwhile keeps the decision.
+        a face a reviewer decided before the run ended keeps the decision.
         """
         by_asset: dict[tuple[str, str], list[Vouched]] = defaultdict(list)
         for v in vouches:

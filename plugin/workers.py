@@ -41,10 +41,17 @@ class RawAnalysis:
 
     def matches(self, matcher: Matcher) -> list[Match]:
         """One match per detection: gated faces are UNCERTAIN with no candidate (review)."""
-        gates = self.gates or tuple(None for _ in self.detections)
         found = iter(matcher.match(self.vectors) if len(self.vectors) else [])
         return [next(found) if why is None else Match(FaceState.UNCERTAIN, None, None)
-                for why in gates]
+                for why in self._gates()]
+
+    def vectors_by_detection(self) -> dict[int, np.ndarray]:
+        """Detection index -> its vector, for the detections that passed the gates."""
+        passing = [i for i, why in enumerate(self._gates()) if why is None]
+        return dict(zip(passing, self.vectors, strict=True))
+
+    def _gates(self) -> tuple[str | None, ...]:
+        return self.gates or tuple(None for _ in self.detections)
 
 
 # Gates for engines that do not carry their own (`DlibEngine.quality`).
