@@ -755,6 +755,22 @@ def load_people(images: Path, vecs: dict[str, np.ndarray], nf: dict[str, int],
     return dict(people), no_face, excluded
 
 
+def cached_identification_data(images: Path
+                               ) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
+    """(vectors by path, usable images per person) from the j1 cache, for the scripts that
+    simulate on top of the identification protocol; they never encode."""
+    cache = EncodingCache.load(default_cache(1), engine_version(1))
+    paths = [str(q.resolve()) for q in sorted(images.glob("*/*.jpg"))]
+    missing = [q for q in paths if q not in cache.vectors]
+    if not paths or missing:
+        raise SystemExit(f"{len(missing)} of {len(paths)} images are not in {cache.path}: run "
+                         "`benchmarks/accuracy.py --identify --images ...` first")
+    vecs = {q: cache.vectors[q] for q in paths}
+    people, _, _ = load_people(images, vecs, {q: cache.n_faces[q] for q in paths},
+                               LABEL_ERRORS)
+    return vecs, people
+
+
 def near_duplicate_names(people: dict[str, list[str]], vecs: dict[str, np.ndarray],
                          below: float) -> list[tuple[float, str, str]]:
     """Cross-name image pairs closer than `below` (label errors or look-alikes)."""

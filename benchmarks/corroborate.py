@@ -28,13 +28,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.accuracy import (
-    LABEL_ERRORS,
-    EncodingCache,
     IdentSetup,
+    cached_identification_data,
     decisions_from_distances,
-    default_cache,
-    engine_version,
-    load_people,
     make_setup,
     matcher_for,
     partition_setups,
@@ -179,15 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="hops=1: at most this many anchors a person (those nearest their "
                         "templates); default: no cap")
     args = p.parse_args(argv)
-    cache = EncodingCache.load(default_cache(1), engine_version(1))
-    paths = [str(q.resolve()) for q in sorted(args.images.glob("*/*.jpg"))]
-    missing = [q for q in paths if q not in cache.vectors]
-    if not paths or missing:
-        raise SystemExit(f"{len(missing)} of {len(paths)} images are not in {cache.path}: run "
-                         "`benchmarks/accuracy.py --identify --images ...` first")
-    vecs = {q: cache.vectors[q] for q in paths}
-    people, _, _ = load_people(args.images, vecs, {q: cache.n_faces[q] for q in paths},
-                               LABEL_ERRORS)
+    vecs, people = cached_identification_data(args.images)
     seconds = [round(0.36 + 0.01 * i, 2) for i in range(13)]
     if args.cap is None and args.reach >= 9.0:  # the product's rule: check it is the same
         checked = verify_against_product(make_setup(people, 2, 0), vecs,

@@ -27,13 +27,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.accuracy import (
-    LABEL_ERRORS,
-    EncodingCache,
     IdentSetup,
+    cached_identification_data,
     decisions_from_distances,
-    default_cache,
-    engine_version,
-    load_people,
     make_setup,
     partition_setups,
     subject_distances,
@@ -91,15 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--draws", type=int, default=5)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
-    cache = EncodingCache.load(default_cache(1), engine_version(1))
-    paths = [str(q.resolve()) for q in sorted(args.images.glob("*/*.jpg"))]
-    missing = [q for q in paths if q not in cache.vectors]
-    if not paths or missing:
-        raise SystemExit(f"{len(missing)} of {len(paths)} images are not in {cache.path}: run "
-                         "`benchmarks/accuracy.py --identify --images ...` first")
-    vecs = {q: cache.vectors[q] for q in paths}
-    people, _, _ = load_people(args.images, vecs, {q: cache.n_faces[q] for q in paths},
-                               LABEL_ERRORS)
+    vecs, people = cached_identification_data(args.images)
     grid_t = [round(0.36 + 0.01 * i, 2) for i in range(11)]
     grid_m = [0.10, 0.12, 0.14]
     print(f"learn_from_review simulated at threshold {args.threshold}, margin {args.margin}, "
